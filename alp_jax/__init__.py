@@ -1,0 +1,3 @@
+"""alp-jax: Adversarial Logit Pairing in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""Input pipelines. Every pipeline yields dicts of NumPy arrays.
+
+``images``: float32 [local_batch, H, W, 3] in [-1, 1]; ``labels``: int32 [local_batch].
+
+Each JAX process reads a disjoint part of the data and yields only its local share of
+the global batch (``local_batch = global_batch // process_count``). Training iterators
+are infinite, deterministic for a given (seed, process_index, process_count) and can
+start at any step (``start_step``) so a resumed run continues the data order.
+Evaluation iterators are finite and drop the last partial batch, as the original did.
+
+TensorFlow is imported only by the TFRecord/TFDS pipelines, never by the digits one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+DATASETS = ("digits", "tiny_imagenet", "imagenet", "imagenet_tfds")
+
+_NUM_CLASSES = {"digits": 10, "tiny_imagenet": 200, "imagenet": 1001, "imagenet_tfds": 1001}
+
+
+def _check_dataset(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+
+
+def num_classes(dataset: str) -> int:
+    """Number of logits a model for ``dataset`` has (ImageNet keeps the background class 0)."""
+    _check_dataset(dataset)
+    return _NUM_CLASSES[dataset]
+
+
+def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
+    """Examples in a split (used for epochs and learning-rate schedules)."""
+    _check_dataset(dataset)
+    if dataset == "digits":
+        from alp_jax.data import digits
+
+        return digits.num_examples(split)
+    from alp_jax.data import tfrecord_datasets
+
+    return tfrecord_datasets.num_examples(dataset, split, data_dir)
+
+
+def train_iterator(
+    dataset: str,
+    data_dir: str | None,
+    image_size: int,
+    local_batch_size: int,
+    *,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+) -> Iterator[Batch]:
+    """Infinite, shuffled, augmented training batches for this process."""
+    _check_dataset(dataset)
+    if dataset == "digits":
+        from alp_jax.data import digits
+
+        return digits.train_iterator(
+            image_size, local_batch_size, seed=seed, process_index=process_index,
+            process_count=process_count, start_step=start_step)
+    from alp_jax.data import tfrecord_datasets
+
+    return tfrecord_datasets.train_iterator(
+        dataset, data_dir, image_size, local_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count, start_step=start_step)
+
+
+def eval_iterator(
+    dataset: str,
+    data_dir: str | None,
+    image_size: int,
+    local_batch_size: int,
+    *,
+    split: str = "validation",
+    num_examples: int = -1,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Finite evaluation batches (eval preprocessing, no shuffling, last partial batch dropped).
+
+    ``num_examples`` counts examples over all processes (-1: the whole split).
+    """
+    _check_dataset(dataset)
+    if dataset == "digits":
+        from alp_jax.data import digits
+
+        return digits.eval_iterator(
+            image_size, local_batch_size, split=split, num_examples=num_examples,
+            process_index=process_index, process_count=process_count)
+    from alp_jax.data import tfrecord_datasets
+
+    return tfrecord_datasets.eval_iterator(
+        dataset, data_dir, image_size, local_batch_size, split=split,
+        num_examples=num_examples, process_index=process_index, process_count=process_count)
