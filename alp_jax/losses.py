@@ -1,0 +1,57 @@
+"""Loss terms of the original ALP objective, as small pure functions.
+
+Reductions follow ``tf.losses`` defaults (SUM_BY_NONZERO_WEIGHTS with a scalar weight,
+i.e. a plain mean), so the values match the original's summaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example cross-entropy against integer labels, computed in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
+                           label_smoothing: float = 0.0) -> jax.Array:
+    """Mean over the batch of cross-entropy with ``one_hot*(1-ls) + ls/num_classes`` targets."""
+    num_classes = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return jnp.mean(-jnp.sum(targets * logp, axis=-1))
+
+
+def logit_pairing_loss(clean_logits: jax.Array, adv_logits: jax.Array,
+                       weight: float) -> jax.Array:
+    """ALP term: ``weight * mean over all elements of (clean - adv)^2``; 0 when weight <= 0."""
+    if weight <= 0:
+        return jnp.zeros((), jnp.float32)
+    diff = clean_logits.astype(jnp.float32) - adv_logits.astype(jnp.float32)
+    return weight * jnp.mean(jnp.square(diff))
+
+
+def weight_decay_loss(params: Any, weight: float, mask: Any | None = None) -> jax.Array:
+    """``weight * sum(v^2)/2`` over all (or the masked-in, i.e. trainable) parameters.
+
+    Like the original, BatchNorm gamma/beta and biases are included.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    if mask is not None:
+        leaves = [x for x, m in zip(leaves, jax.tree_util.tree_leaves(mask), strict=True) if m]
+    if weight == 0 or not leaves:
+        return jnp.zeros((), jnp.float32)
+    return weight * sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves) / 2.0
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
+    """Per-example bool: label among the top-k logits (ties count in favour, as tf.nn.in_top_k)."""
+    logits = logits.astype(jnp.float32)
+    label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
+    return jnp.sum(logits > label_logit, axis=-1) < k
