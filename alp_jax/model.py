@@ -110,6 +110,7 @@ class Conv(nn.Module):
     batch_norm: bool = False
     conv2d_same: bool = False
     bn_group_size: int = 0
+    bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -130,8 +131,8 @@ class Conv(nn.Module):
             bias = self.param("biases", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         if self.batch_norm:
-            y = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name="BatchNorm")(
-                y, train)
+            y = BatchNorm(self.bn_decay, group_size=self.bn_group_size, dtype=self.dtype,
+                          name="BatchNorm")(y, train)
         return y
 
 
@@ -147,21 +148,22 @@ class BottleneckV2(nn.Module):
     depth_bottleneck: int
     stride: int
     bn_group_size: int = 0
+    bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        g, dt = self.bn_group_size, self.dtype
-        preact = BatchNorm(group_size=g, dtype=dt, name="preact")(x, train)
+        g, d, dt = self.bn_group_size, self.bn_decay, self.dtype
+        preact = BatchNorm(d, group_size=g, dtype=dt, name="preact")(x, train)
         if x.shape[-1] == self.depth:
             shortcut = _subsample(x, self.stride)
         else:
             shortcut = Conv(self.depth, 1, self.stride, use_bias=True, dtype=dt,
                             name="shortcut")(preact, train)
-        r = Conv(self.depth_bottleneck, 1, 1, batch_norm=True, bn_group_size=g, dtype=dt,
-                 name="conv1")(preact, train)
+        r = Conv(self.depth_bottleneck, 1, 1, batch_norm=True, bn_group_size=g, bn_decay=d,
+                 dtype=dt, name="conv1")(preact, train)
         r = Conv(self.depth_bottleneck, 3, self.stride, batch_norm=True, conv2d_same=True,
-                 bn_group_size=g, dtype=dt, name="conv2")(r, train)
+                 bn_group_size=g, bn_decay=d, dtype=dt, name="conv2")(r, train)
         r = Conv(self.depth, 1, 1, use_bias=True, dtype=dt, name="conv3")(r, train)
         return shortcut.astype(dt) + r
 
@@ -169,6 +171,7 @@ class BottleneckV2(nn.Module):
 class _Block(nn.Module):
     spec: BlockSpec
     bn_group_size: int
+    bn_decay: float
     dtype: Dtype
 
     @nn.compact
@@ -176,8 +179,8 @@ class _Block(nn.Module):
         s = self.spec
         for i in range(s.num_units):
             stride = s.stride if i == s.num_units - 1 else 1  # stride on the LAST unit
-            x = _Unit(s.base_depth * 4, s.base_depth, stride, self.bn_group_size, self.dtype,
-                      name=f"unit_{i + 1}")(x, train)
+            x = _Unit(s.base_depth * 4, s.base_depth, stride, self.bn_group_size,
+                      self.bn_decay, self.dtype, name=f"unit_{i + 1}")(x, train)
         return x
 
 
@@ -186,12 +189,13 @@ class _Unit(nn.Module):
     depth_bottleneck: int
     stride: int
     bn_group_size: int
+    bn_decay: float
     dtype: Dtype
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         return BottleneckV2(self.depth, self.depth_bottleneck, self.stride, self.bn_group_size,
-                            self.dtype, name="bottleneck_v2")(x, train)
+                            self.bn_decay, self.dtype, name="bottleneck_v2")(x, train)
 
 
 class _ResNetV2Body(nn.Module):
@@ -202,6 +206,7 @@ class _ResNetV2Body(nn.Module):
     root_stride: int
     root_pool: bool
     bn_group_size: int
+    bn_decay: float
     dtype: Dtype
 
     @nn.compact
@@ -212,8 +217,10 @@ class _ResNetV2Body(nn.Module):
             # resnet_arg_scope makes slim.max_pool2d use SAME padding.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for i, spec in enumerate(self.blocks):
-            x = _Block(spec, self.bn_group_size, self.dtype, name=f"block{i + 1}")(x, train)
-        x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name="postnorm")(x, train)
+            x = _Block(spec, self.bn_group_size, self.bn_decay, self.dtype,
+                       name=f"block{i + 1}")(x, train)
+        x = BatchNorm(self.bn_decay, group_size=self.bn_group_size, dtype=self.dtype,
+                      name="postnorm")(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
         x = Conv(self.num_classes, 1, 1, use_bias=True, dtype=jnp.float32, name="logits")(
             x, train)
@@ -231,6 +238,7 @@ class ResNetV2(nn.Module):
         stay float32 and logits are float32.
       bn_group_size: 0 for statistics over the whole (global) batch, N > 0 for
         statistics over groups of N consecutive examples.
+      bn_decay: decay of the BatchNorm moving statistics (TF-slim: 0.997).
     """
 
     num_classes: int
@@ -241,13 +249,14 @@ class ResNetV2(nn.Module):
     root_stride: int = 2
     root_pool: bool = True
     bn_group_size: int = 0
+    bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         return _ResNetV2Body(
             self.num_classes, tuple(self.blocks), self.root_depth, self.root_kernel,
-            self.root_stride, self.root_pool, self.bn_group_size, self.dtype,
+            self.root_stride, self.root_pool, self.bn_group_size, self.bn_decay, self.dtype,
             name=self.scope_name)(images, train)
 
 
@@ -256,9 +265,9 @@ def _standard(depth: int, units: Sequence[int]):
                                                            (2, 2, 2, 1), strict=True))
 
     def build(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_size: int = 0,
-              scope: str | None = None) -> ResNetV2:
+              bn_decay: float = BN_DECAY, scope: str | None = None) -> ResNetV2:
         return ResNetV2(num_classes, blocks, scope or f"resnet_v2_{depth}",
-                        bn_group_size=bn_group_size, dtype=dtype)
+                        bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype)
 
     build.__name__ = f"resnet_v2_{depth}"
     build.__doc__ = f"TF-slim resnet_v2_{depth} (units {tuple(units)}) with logits."
@@ -272,7 +281,7 @@ resnet_v2_200 = _standard(200, (3, 24, 36, 3))
 
 
 def resnet_v2_small(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_size: int = 0,
-                    scope: str | None = None) -> ResNetV2:
+                    bn_decay: float = BN_DECAY, scope: str | None = None) -> ResNetV2:
     """A narrow ResNet-v2 for CPU demos and tests (~0.5M parameters).
 
     Same unit structure and naming as resnet_v2_50, one unit per block, base depths
@@ -283,7 +292,7 @@ def resnet_v2_small(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_si
               BlockSpec(128, 1, 1))
     return ResNetV2(num_classes, blocks, scope or "resnet_v2_small", root_depth=32,
                     root_kernel=3, root_stride=1, root_pool=False,
-                    bn_group_size=bn_group_size, dtype=dtype)
+                    bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype)
 
 
 MODELS = {
@@ -296,10 +305,11 @@ MODELS = {
 
 
 def create_model(name: str, num_classes: int, *, dtype: Dtype | str = jnp.float32,
-                 bn_group_size: int = 0) -> ResNetV2:
+                 bn_group_size: int = 0, bn_decay: float = BN_DECAY) -> ResNetV2:
     """Builds a model by name (``resnet_v2_50``, ..., ``resnet_v2_small``)."""
     if name not in MODELS:
         raise ValueError(f"Unknown model_name {name!r}; valid names: {', '.join(MODELS)}.")
     if isinstance(dtype, str):
         dtype = jnp.dtype(dtype)
-    return MODELS[name](num_classes, dtype=dtype, bn_group_size=bn_group_size)
+    return MODELS[name](num_classes, dtype=dtype, bn_group_size=bn_group_size,
+                        bn_decay=bn_decay)

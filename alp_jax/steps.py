@@ -102,7 +102,7 @@ def make_train_step(config: Any, model: Any) -> Callable[..., tuple[TrainState, 
 def make_eval_step(model: Any, attack: str | AttackSpec = "clean",
                    bounds: tuple[float, float] = (-1.0, 1.0), *, use_ema: bool = False
                    ) -> Callable[..., Metrics]:
-    """``(state_or_variables, images, labels, key) -> {'top1', 'top5', 'count'}`` sums.
+    """``(state_or_variables, images, labels, key[, mask]) -> {'top1', 'top5', 'count'}`` sums.
 
     Top-1 accuracy and top-5 recall as the original's eval, on clean or attacked inputs;
     ``use_ema`` reads the moving averages of a TrainState.
@@ -110,14 +110,16 @@ def make_eval_step(model: Any, attack: str | AttackSpec = "clean",
     spec = parse_attack(attack)
 
     def eval_step(state: TrainState | dict[str, Any], images: jax.Array, labels: jax.Array,
-                  key: jax.Array) -> Metrics:
+                  key: jax.Array, mask: jax.Array | None = None) -> Metrics:
         variables = state.variables(use_ema) if isinstance(state, TrainState) else state
         logits_fn = inference_logits_fn(model, variables)
         x = generate_adversarial_examples(logits_fn, images, key, spec, bounds, labels=labels)
         logits = logits_fn(x)
         k = min(5, logits.shape[-1])
-        return {"top1": jnp.sum(losses.topk_correct(logits, labels, 1)),
-                "top5": jnp.sum(losses.topk_correct(logits, labels, k)),
-                "count": jnp.asarray(labels.shape[0], jnp.int32)}
+        # ``mask`` drops padding rows (a batch padded to a multiple of the device count).
+        m = jnp.ones(labels.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
+        return {"top1": jnp.sum(losses.topk_correct(logits, labels, 1) * m),
+                "top5": jnp.sum(losses.topk_correct(logits, labels, k) * m),
+                "count": jnp.sum(m)}
 
     return eval_step

@@ -1,0 +1,220 @@
+"""Evaluation program: ``python -m alp_jax.eval`` (or ``alp-eval``).
+
+Once (``--eval_once`` or ``--checkpoint_path``) or continuously (each new checkpoint in
+``--train_dir``, polling every ``--eval_interval_secs`` until training has finished).
+Top-1 accuracy and top-5 recall on clean or attacked (``--adv_method``) inputs, with the
+moving averages when ``--moving_average_decay`` > 0. Summaries go to
+``train_dir/eval_name``; ``--output_file`` appends ``eval_name,top1,top5``.
+
+When the checkpoint was written by ``alp_jax.train`` its recorded config supplies the
+model, dataset and image size; flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from alp_jax import checkpoints, cli, data, sharding, steps, summaries
+from alp_jax.model import create_model
+
+FLAGS = flags.FLAGS
+DONE_FILE = "TRAINING_DONE.json"
+
+
+def evaluate(model: Any, variables: dict[str, Any], cfg: Any, *, attack: str = "clean",
+             num_examples: int = -1, split: str = "validation", seed: int = 0,
+             mesh: Any | None = None, progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 of ``variables`` on ``cfg.dataset`` under ``attack``.
+
+    The eval batch is padded up to a multiple of the device count (padding rows do not
+    count), and the last partial batch of the split is dropped, as in the original.
+    """
+    mesh = mesh or sharding.make_mesh()
+    n_dev = mesh.shape[sharding.DATA]
+    batch = cfg.eval_batch_size
+    if batch % jax.process_count():
+        raise ValueError(f"eval_batch_size {batch} does not divide by the "
+                         f"{jax.process_count()} processes.")
+    padded = -(-batch // n_dev) * n_dev
+    local, local_padded = batch // jax.process_count(), padded // jax.process_count()
+    var_sh = sharding.state_sharding(variables, mesh)
+    variables = sharding.put_replicated(variables, var_sh)
+    step = sharding.jit_eval_step(
+        steps.make_eval_step(model, attack, tuple(cfg.bounds)), var_sh, mesh)
+    it = data.eval_iterator(cfg.dataset, cli.data_dir(cfg), cfg.dataset_image_size, local,
+                            split=split, num_examples=num_examples,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    total = data.num_examples(cfg.dataset, split, cli.data_dir(cfg)) if num_examples < 0 \
+        else num_examples
+    sums = {"top1": 0, "top5": 0, "count": 0}
+    t0, last_report = time.time(), 0.0
+    base_key = jax.random.PRNGKey(seed)
+    for i, b in enumerate(it):
+        pad = local_padded - local
+        mask = np.concatenate([np.ones(local, bool), np.zeros(pad, bool)])
+        images = np.concatenate([b["images"], np.zeros((pad,) + b["images"].shape[1:],
+                                                       b["images"].dtype)])
+        labels = np.concatenate([b["labels"], np.zeros(pad, b["labels"].dtype)])
+        g = sharding.global_batch({"images": images, "labels": labels, "mask": mask}, mesh)
+        out = step(variables, g["images"], g["labels"], jax.random.fold_in(base_key, i),
+                   g["mask"])
+        for k, v in jax.device_get(out).items():
+            sums[k] += int(v)
+        if progress and (time.time() - last_report > 10 or sums["count"] >= total):
+            last_report = time.time()
+            rate = sums["count"] / max(last_report - t0, 1e-9)
+            logging.info("[%s] %d/%d examples | top-1 %.4f | %.1f examples/s", attack,
+                         sums["count"], total, sums["top1"] / max(sums["count"], 1), rate)
+    if sums["count"] == 0:
+        raise ValueError(f"No examples evaluated: eval_batch_size {batch} is larger than "
+                         f"num_examples {num_examples} or the split.")
+    n = sums["count"]
+    return {"top1": sums["top1"] / n, "top5": sums["top5"] / n, "count": n}
+
+
+def eval_config(step_dir: str) -> ml_collections.ConfigDict:
+    """The checkpoint's recorded config (unless --config is given), with flags on top."""
+    meta = checkpoints.read_meta(step_dir)
+    if FLAGS.config is None and "config" in meta:
+        from alp_jax.config import default_config
+
+        cfg = default_config()
+        with cfg.ignore_type():
+            for k, v in meta["config"].items():
+                if k in cfg:
+                    cfg[k] = tuple(v) if k == "bounds" else v
+        FLAGS.config = cfg
+    cfg = cli.common_config()
+    for flag_name, field in {"adv_method": "adv_method", "eval_name": "eval_name",
+                             "split_name": "split_name", "num_examples": "num_examples",
+                             "eval_interval_secs": "eval_interval_secs"}.items():
+        cli.layer_flags(cfg, {flag_name: field})
+    with cfg.ignore_type():
+        for key in ("model_name", "num_classes"):
+            if key in meta and getattr(FLAGS, key, None) is None:
+                cfg[key] = meta[key]
+    if cfg.num_classes <= 0:
+        cfg.num_classes = data.num_classes(cfg.dataset)
+    return cfg
+
+
+def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None) -> dict[str, float]:
+    """Evaluates one checkpoint directory; writes summaries and the CSV row."""
+    meta = checkpoints.read_meta(step_dir)
+    use_ema = cfg.moving_average_decay > 0
+    raw, _, _ = checkpoints.load_raw(step_dir)
+    if use_ema and raw.get("ema_params") is None:
+        raise ValueError(
+            f"--moving_average_decay={cfg.moving_average_decay} asks for moving averages, "
+            f"but {step_dir!r} has none (e.g. an imported release checkpoint); pass "
+            "--moving_average_decay=-1.")
+    variables = checkpoints.load_variables(step_dir, use_ema=use_ema)
+    model = create_model(cfg.model_name, cfg.num_classes, dtype=cfg.compute_dtype,
+                         bn_decay=cfg.bn_decay)
+    result = evaluate(model, variables, cfg, attack=cfg.adv_method,
+                      num_examples=cfg.num_examples, split=cfg.split_name, seed=cfg.seed)
+    base = os.path.basename(step_dir)
+    step = int(meta.get("step", base if base.isdigit() else 0))
+    logging.info("%s step %d, %s on %s/%s: top-1 %.4f, top-5 %.4f (%d examples)",
+                 step_dir, step, cfg.adv_method, cfg.dataset, cfg.split_name, result["top1"],
+                 result["top5"], result["count"])
+    if jax.process_index() == 0:
+        if summary_dir:
+            w = summaries.SummaryWriter(summary_dir)
+            w.scalars(step, {"eval/Accuracy": result["top1"], "eval/Recall_5": result["top5"]})
+            w.close()
+        if FLAGS.output_file:
+            d = os.path.dirname(os.path.abspath(FLAGS.output_file))
+            os.makedirs(d, exist_ok=True)
+            with open(FLAGS.output_file, "a") as f:
+                f.write(f"{cfg.eval_name},{result['top1']:.6f},{result['top5']:.6f}\n")
+    return result
+
+
+def _done_step(train_dir: str) -> int | None:
+    path = os.path.join(train_dir, DONE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["step"])
+
+
+def continuous_eval(train_dir: str, interval: float, once: bool) -> None:
+    """Evaluates the newest checkpoint whenever a new one appears, until training ends."""
+    evaluated: set[int] = set()
+    while True:
+        step = checkpoints.latest_step(train_dir)
+        if step is not None and step not in evaluated:
+            step_dir = os.path.join(checkpoints.checkpoint_dir(train_dir), str(step))
+            cfg = eval_config(step_dir)
+            cli.validate_config(cfg, training=False)
+            evaluate_checkpoint(step_dir, cfg, os.path.join(train_dir, cfg.eval_name))
+            evaluated.add(step)
+            if once:
+                return
+        elif once and step is None:
+            raise FileNotFoundError(f"No checkpoint in {train_dir!r} to evaluate.")
+        done = _done_step(train_dir)
+        if done is not None and done in evaluated:
+            logging.info("Training finished at step %d; evaluation done.", done)
+            return
+        time.sleep(interval)
+
+
+def define_flags() -> None:
+    cli.define_common_flags()
+    flags.DEFINE_string("train_dir", None, "Training output directory to evaluate.")
+    flags.DEFINE_string("checkpoint_path", None,
+                        "One checkpoint (output dir, checkpoints dir or step dir) to "
+                        "evaluate once.")
+    flags.DEFINE_string("output_file", None, "CSV file to append 'eval_name,top1,top5' to.")
+    flags.DEFINE_string("eval_name", None, "Subdirectory of train_dir for eval summaries.")
+    flags.DEFINE_string("adv_method", None, "clean or an attack spec, e.g. pgdll_16_2_10.")
+    flags.DEFINE_string("split_name", None, "train or validation.")
+    flags.DEFINE_integer("eval_interval_secs", None, "Polling interval (continuous mode).")
+    flags.DEFINE_integer("num_examples", None, "Examples to evaluate; -1: the whole split.")
+    flags.DEFINE_bool("eval_once", False, "Evaluate the newest checkpoint once and exit.")
+    flags.DEFINE_string("trainable_scopes", None,
+                        "Accepted for compatibility with the original; our checkpoints "
+                        "store moving averages of every variable, so it is not needed.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.setup_logging()
+    if not FLAGS.checkpoint_path and not FLAGS.train_dir:
+        raise app.UsageError("Pass --train_dir (continuous or --eval_once) or --checkpoint_path.")
+    cli.maybe_initialize_distributed()
+    if FLAGS.checkpoint_path:
+        step_dir = checkpoints.resolve(FLAGS.checkpoint_path)
+        cfg = eval_config(step_dir)
+        cli.validate_config(cfg, training=False)
+        summary = os.path.join(FLAGS.train_dir, cfg.eval_name) if FLAGS.train_dir else None
+        evaluate_checkpoint(step_dir, cfg, summary)
+        return
+    if not os.path.isdir(FLAGS.train_dir):
+        raise FileNotFoundError(f"--train_dir={FLAGS.train_dir!r} is not a directory.")
+    cfg = cli.common_config()
+    interval = FLAGS.eval_interval_secs if FLAGS.eval_interval_secs is not None \
+        else cfg.eval_interval_secs
+    continuous_eval(FLAGS.train_dir, interval, FLAGS.eval_once)
+
+
+def run() -> None:
+    """Console entry point ``alp-eval``."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
