@@ -18,7 +18,7 @@ def get_config():
     c.lr_num_epochs_per_decay = 4.0
     c.moving_average_decay = 0.999
     c.bn_decay = 0.9  # a few hundred steps: let the BatchNorm statistics settle
-    c.max_steps = 600
+    c.max_steps = 400
     c.save_model_steps = 200
     c.save_summaries_steps = 50
     c.log_every_steps = 50
