@@ -19,7 +19,7 @@ from alp_jax import config as config_lib
 FLAGS = flags.FLAGS
 
 # The original's flags, in both programs, layered onto the config when given.
-_COMMON = {
+COMMON_FLAGS = _COMMON = {
     "model_name": (flags.DEFINE_string, "Model: resnet_v2_50/101/152/200 or resnet_v2_small."),
     "moving_average_decay": (flags.DEFINE_float,
                              "Moving-average decay; <= 0 disables (released checkpoints: -1)."),
@@ -30,37 +30,42 @@ _COMMON = {
 }
 
 
-def define_common_flags() -> None:
+def define_common_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the flags both programs share on ``fv`` (tests pass a fresh FlagValues)."""
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
         "config", None, "Experiment config file (configs/NAME.py); fields can be "
-        "overridden with --config.field=value.", lock_config=False)
+        "overridden with --config.field=value.", lock_config=False, flag_values=fv)
     for name, (define, help_) in _COMMON.items():
-        define(name, None, help_)
-    flags.DEFINE_string("hparams", "", 'Original-style hyperparameters, "name=value,...".')
+        define(name, None, help_, flag_values=fv)
+    flags.DEFINE_string("hparams", "", 'Original-style hyperparameters, "name=value,...".',
+                        flag_values=fv)
     flags.DEFINE_string("coordinator_address", None,
                         "host:port of process 0 for a multi-process run (not needed on TPU "
-                        "or SLURM with --multihost).")
-    flags.DEFINE_integer("num_processes", None, "Processes in the multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+                        "or SLURM with --multihost).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Processes in the multi-process run.",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index in the run.", flag_values=fv)
     flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with automatic "
-                      "cluster detection (Cloud TPU, SLURM).")
+                      "cluster detection (Cloud TPU, SLURM).", flag_values=fv)
     flags.DEFINE_integer("distributed_timeout_s", 300,
-                         "Seconds to wait for the cluster to form before failing.")
+                         "Seconds to wait for the cluster to form before failing.",
+                         flag_values=fv)
 
 
-def base_config() -> ml_collections.ConfigDict:
-    cfg = FLAGS.config
+def base_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
+    cfg = fv.config
     if cfg is None:
         cfg = config_lib.default_config()
     return cfg
 
 
-def layer_flags(cfg: ml_collections.ConfigDict, names: dict[str, str]) -> None:
+def layer_flags(cfg: ml_collections.ConfigDict, names: dict[str, str],
+                fv: flags.FlagValues = FLAGS) -> None:
     """Copies given (non-None) flags onto config fields: ``{flag_name: field}``."""
     for flag_name, field in names.items():
-        value = getattr(FLAGS, flag_name)
+        value = getattr(fv, flag_name)
         if value is None:
             continue
         if field not in cfg:
@@ -69,21 +74,21 @@ def layer_flags(cfg: ml_collections.ConfigDict, names: dict[str, str]) -> None:
             cfg[field] = value
 
 
-def common_config() -> ml_collections.ConfigDict:
+def common_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
     """The config with the shared flags and ``--hparams`` layered on."""
-    cfg = base_config()
-    layer_flags(cfg, {n: n for n in _COMMON})
-    if FLAGS.hparams:
-        config_lib.apply_hparams(cfg, FLAGS.hparams)
+    cfg = base_config(fv)
+    layer_flags(cfg, {n: n for n in _COMMON}, fv)
+    if fv.hparams:
+        config_lib.apply_hparams(cfg, fv.hparams)
     return cfg
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(fv: flags.FlagValues = FLAGS) -> None:
     from alp_jax import sharding
 
     sharding.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-        auto=FLAGS.multihost, timeout_s=FLAGS.distributed_timeout_s)
+        fv.coordinator_address, fv.num_processes, fv.process_id,
+        auto=fv.multihost, timeout_s=fv.distributed_timeout_s)
 
 
 def data_dir(cfg: Any) -> str | None:

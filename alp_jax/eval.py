@@ -81,33 +81,42 @@ def evaluate(model: Any, variables: dict[str, Any], cfg: Any, *, attack: str = "
     return {"top1": sums["top1"] / n, "top5": sums["top5"] / n, "count": n}
 
 
-def eval_config(step_dir: str) -> ml_collections.ConfigDict:
-    """The checkpoint's recorded config (unless --config is given), with flags on top."""
-    meta = checkpoints.read_meta(step_dir)
-    if FLAGS.config is None and "config" in meta:
+_EVAL_FIELDS = ("adv_method", "eval_name", "split_name", "num_examples", "eval_interval_secs")
+
+
+def eval_config(meta: dict[str, Any], fv: flags.FlagValues = FLAGS
+                ) -> ml_collections.ConfigDict:
+    """The eval config: the checkpoint's recorded config (unless --config is given), then
+    the command-line flags; model name and classes come from the checkpoint."""
+    if fv.config is None and "config" in meta:
         from alp_jax.config import default_config
 
-        cfg = default_config()
-        with cfg.ignore_type():
+        recorded = default_config()
+        with recorded.ignore_type():
             for k, v in meta["config"].items():
-                if k in cfg:
-                    cfg[k] = tuple(v) if k == "bounds" else v
-        FLAGS.config = cfg
-    cfg = cli.common_config()
-    for flag_name, field in {"adv_method": "adv_method", "eval_name": "eval_name",
-                             "split_name": "split_name", "num_examples": "num_examples",
-                             "eval_interval_secs": "eval_interval_secs"}.items():
-        cli.layer_flags(cfg, {flag_name: field})
+                if k in recorded:
+                    recorded[k] = tuple(v) if k == "bounds" else v
+        cfg = recorded
+    else:
+        cfg = cli.base_config(fv)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cli.layer_flags(cfg, {n: n for n in cli.COMMON_FLAGS}, fv)
+    if fv.hparams:
+        from alp_jax.config import apply_hparams
+
+        apply_hparams(cfg, fv.hparams)
+    cli.layer_flags(cfg, {n: n for n in _EVAL_FIELDS}, fv)
     with cfg.ignore_type():
         for key in ("model_name", "num_classes"):
-            if key in meta and getattr(FLAGS, key, None) is None:
+            if key in meta and getattr(fv, key, None) is None:
                 cfg[key] = meta[key]
     if cfg.num_classes <= 0:
         cfg.num_classes = data.num_classes(cfg.dataset)
     return cfg
 
 
-def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None) -> dict[str, float]:
+def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None,
+                        output_file: str | None = None) -> dict[str, float]:
     """Evaluates one checkpoint directory; writes summaries and the CSV row."""
     meta = checkpoints.read_meta(step_dir)
     use_ema = cfg.moving_average_decay > 0
@@ -132,10 +141,9 @@ def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None) -> dic
             w = summaries.SummaryWriter(summary_dir)
             w.scalars(step, {"eval/Accuracy": result["top1"], "eval/Recall_5": result["top5"]})
             w.close()
-        if FLAGS.output_file:
-            d = os.path.dirname(os.path.abspath(FLAGS.output_file))
-            os.makedirs(d, exist_ok=True)
-            with open(FLAGS.output_file, "a") as f:
+        if output_file:
+            os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+            with open(output_file, "a") as f:
                 f.write(f"{cfg.eval_name},{result['top1']:.6f},{result['top5']:.6f}\n")
     return result
 
@@ -148,16 +156,18 @@ def _done_step(train_dir: str) -> int | None:
         return int(json.load(f)["step"])
 
 
-def continuous_eval(train_dir: str, interval: float, once: bool) -> None:
+def continuous_eval(train_dir: str, interval: float, once: bool,
+                    output_file: str | None = None) -> None:
     """Evaluates the newest checkpoint whenever a new one appears, until training ends."""
     evaluated: set[int] = set()
     while True:
         step = checkpoints.latest_step(train_dir)
         if step is not None and step not in evaluated:
             step_dir = os.path.join(checkpoints.checkpoint_dir(train_dir), str(step))
-            cfg = eval_config(step_dir)
+            cfg = eval_config(checkpoints.read_meta(step_dir))
             cli.validate_config(cfg, training=False)
-            evaluate_checkpoint(step_dir, cfg, os.path.join(train_dir, cfg.eval_name))
+            evaluate_checkpoint(step_dir, cfg, os.path.join(train_dir, cfg.eval_name),
+                                output_file)
             evaluated.add(step)
             if once:
                 return
@@ -170,22 +180,28 @@ def continuous_eval(train_dir: str, interval: float, once: bool) -> None:
         time.sleep(interval)
 
 
-def define_flags() -> None:
-    cli.define_common_flags()
-    flags.DEFINE_string("train_dir", None, "Training output directory to evaluate.")
-    flags.DEFINE_string("checkpoint_path", None,
-                        "One checkpoint (output dir, checkpoints dir or step dir) to "
-                        "evaluate once.")
-    flags.DEFINE_string("output_file", None, "CSV file to append 'eval_name,top1,top5' to.")
-    flags.DEFINE_string("eval_name", None, "Subdirectory of train_dir for eval summaries.")
-    flags.DEFINE_string("adv_method", None, "clean or an attack spec, e.g. pgdll_16_2_10.")
-    flags.DEFINE_string("split_name", None, "train or validation.")
-    flags.DEFINE_integer("eval_interval_secs", None, "Polling interval (continuous mode).")
-    flags.DEFINE_integer("num_examples", None, "Examples to evaluate; -1: the whole split.")
-    flags.DEFINE_bool("eval_once", False, "Evaluate the newest checkpoint once and exit.")
-    flags.DEFINE_string("trainable_scopes", None,
-                        "Accepted for compatibility with the original; our checkpoints "
-                        "store moving averages of every variable, so it is not needed.")
+_FLAGS = {
+    "train_dir": (flags.DEFINE_string, "Training output directory to evaluate."),
+    "checkpoint_path": (flags.DEFINE_string, "One checkpoint (output dir, checkpoints dir or "
+                        "step dir) to evaluate once."),
+    "output_file": (flags.DEFINE_string, "CSV file to append 'eval_name,top1,top5' to."),
+    "eval_name": (flags.DEFINE_string, "Subdirectory of train_dir for eval summaries."),
+    "adv_method": (flags.DEFINE_string, "clean or an attack spec, e.g. pgdll_16_2_10."),
+    "split_name": (flags.DEFINE_string, "train or validation."),
+    "eval_interval_secs": (flags.DEFINE_integer, "Polling interval (continuous mode)."),
+    "num_examples": (flags.DEFINE_integer, "Examples to evaluate; -1: the whole split."),
+    "trainable_scopes": (flags.DEFINE_string,
+                         "Accepted for compatibility with the original; our checkpoints store "
+                         "moving averages of every variable, so it is not needed."),
+}
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    cli.define_common_flags(fv)
+    for name, (define, help_) in _FLAGS.items():
+        define(name, None, help_, flag_values=fv)
+    flags.DEFINE_bool("eval_once", False, "Evaluate the newest checkpoint once and exit.",
+                      flag_values=fv)
 
 
 def main(argv: list[str]) -> None:
@@ -197,17 +213,16 @@ def main(argv: list[str]) -> None:
     cli.maybe_initialize_distributed()
     if FLAGS.checkpoint_path:
         step_dir = checkpoints.resolve(FLAGS.checkpoint_path)
-        cfg = eval_config(step_dir)
+        cfg = eval_config(checkpoints.read_meta(step_dir))
         cli.validate_config(cfg, training=False)
         summary = os.path.join(FLAGS.train_dir, cfg.eval_name) if FLAGS.train_dir else None
-        evaluate_checkpoint(step_dir, cfg, summary)
+        evaluate_checkpoint(step_dir, cfg, summary, FLAGS.output_file)
         return
     if not os.path.isdir(FLAGS.train_dir):
         raise FileNotFoundError(f"--train_dir={FLAGS.train_dir!r} is not a directory.")
-    cfg = cli.common_config()
     interval = FLAGS.eval_interval_secs if FLAGS.eval_interval_secs is not None \
-        else cfg.eval_interval_secs
-    continuous_eval(FLAGS.train_dir, interval, FLAGS.eval_once)
+        else cli.base_config().eval_interval_secs
+    continuous_eval(FLAGS.train_dir, interval, FLAGS.eval_once, FLAGS.output_file)
 
 
 def run() -> None:

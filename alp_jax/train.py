@@ -264,27 +264,29 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
     return state
 
 
-def config_from_flags() -> ml_collections.ConfigDict:
+def config_from_flags(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
     """The training config: --config, its overrides, then the original's flags."""
-    cfg = cli.common_config()
-    cli.layer_flags(cfg, {
-        "output_dir": "output_dir", "max_steps": "max_steps",
-        "finetune_checkpoint_path": "finetune_checkpoint_path",
-        "finetune_exclude_pretrained_scopes": "finetune_exclude_pretrained_scopes",
-        "finetune_trainable_scopes": "finetune_trainable_scopes"})
+    cfg = cli.common_config(fv)
+    cli.layer_flags(cfg, {name: name for name in _TRAIN_FLAGS}, fv)
     return cfg
 
 
-def define_flags() -> None:
-    cli.define_common_flags()
-    flags.DEFINE_string("output_dir", None, "Directory for checkpoints and summaries.")
-    flags.DEFINE_integer("max_steps", None, "Training steps; -1 trains forever.")
-    flags.DEFINE_string("finetune_checkpoint_path", None,
-                        "Checkpoint (directory or step) to fine-tune from.")
-    flags.DEFINE_string("finetune_exclude_pretrained_scopes", None,
-                        "Comma-separated scopes that keep their fresh initialisation.")
-    flags.DEFINE_string("finetune_trainable_scopes", None,
-                        "Comma-separated scopes that train (others stay frozen).")
+_TRAIN_FLAGS = {
+    "output_dir": (flags.DEFINE_string, "Directory for checkpoints and summaries."),
+    "max_steps": (flags.DEFINE_integer, "Training steps; -1 trains forever."),
+    "finetune_checkpoint_path": (flags.DEFINE_string,
+                                 "Checkpoint (directory or step) to fine-tune from."),
+    "finetune_exclude_pretrained_scopes": (
+        flags.DEFINE_string, "Comma-separated scopes that keep their fresh initialisation."),
+    "finetune_trainable_scopes": (flags.DEFINE_string,
+                                  "Comma-separated scopes that train (others stay frozen)."),
+}
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    cli.define_common_flags(fv)
+    for name, (define, help_) in _TRAIN_FLAGS.items():
+        define(name, None, help_, flag_values=fv)
 
 
 def main(argv: list[str]) -> None:
