@@ -97,9 +97,27 @@ def read_meta(step_dir: str) -> dict[str, Any]:
     return {}
 
 
+class _NoMissingMetadataWarning:
+    # A composite checkpoint keeps _CHECKPOINT_METADATA one level up; reading one item
+    # directly makes Orbax warn about it on every load.
+    def filter(self, record) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
 def load_raw(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(state tree as nested dicts of NumPy arrays, meta, step dir) of a checkpoint."""
+    import logging
+
     step_dir = resolve(path)
+    quiet = _NoMissingMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _load_raw(step_dir)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _load_raw(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     with ocp.StandardCheckpointer() as ckptr:
         meta_tree = ckptr.metadata(os.path.join(step_dir, "state"))
         tree_meta = getattr(meta_tree, "item_metadata", meta_tree)

@@ -1,0 +1,303 @@
+"""End-to-end tests of the train and eval programs on digits with the small model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+from alp_jax import checkpoints, finetune, slim_names
+from alp_jax import eval as eval_lib
+from alp_jax import train as train_lib
+from alp_jax import train_state as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "digits_alp.py")
+# A tiny, fast ALP run: 8x8 digits, batch 16, 2 PGD iterations.
+TINY = ["--config.dataset_image_size=8", "--config.batch_size=16", "--config.eval_batch_size=32",
+        "--hparams=train_adv_method=pgdll_16_4_2,train_lp_weight=0.5",
+        "--config.log_every_steps=2", "--config.save_summaries_steps=4"]
+
+
+def tiny_config(output_dir: str, **overrides):
+    cfg = train_lib.resolve_config(_load(CONFIG))
+    cfg.dataset_image_size = 8
+    cfg.batch_size = 16
+    cfg.eval_batch_size = 32
+    cfg.train_adv_method = "pgdll_16_4_2"
+    cfg.output_dir = output_dir
+    cfg.log_every_steps = 2
+    cfg.save_summaries_steps = 0
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def _load(path):
+    from alp_jax.demo import load_config_file
+
+    return load_config_file(path)
+
+
+def run_program(module: str, *args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start_program(module: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{out}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def final_params(output_dir: str) -> dict[str, np.ndarray]:
+    raw, _, _ = checkpoints.load_raw(output_dir)
+    return slim_names.variables_to_slim({"params": raw["params"],
+                                         "batch_stats": raw["batch_stats"]})
+
+
+def test_train_checkpoint_eval_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_program("alp_jax.train", f"--config={CONFIG}", f"--output_dir={out}",
+                    "--config.max_steps=6", "--config.save_model_steps=3", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "steps/s" in r.stderr and "ETA" in r.stderr
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["3", "6"]
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert lines[-1]["step"] == 4 and {"loss_xent", "loss_lp", "loss_wd", "total_loss",
+                                       "learning_rate", "current_epoch"} <= set(lines[-1])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    assert json.load(open(os.path.join(out, train_lib.DONE_FILE)))["step"] == 6
+    csv = str(tmp_path / "results.csv")
+    for attack in ("clean", "pgd_16_4_3"):
+        r = run_program("alp_jax.eval", f"--checkpoint_path={out}", f"--adv_method={attack}",
+                        f"--eval_name={attack}", f"--output_file={csv}", "--num_examples=64",
+                        f"--train_dir={out}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.strip().split(",") for line in open(csv)]
+    assert [row[0] for row in rows] == ["clean", "pgd_16_4_3"]
+    top1 = [float(row[1]) for row in rows]
+    assert all(0.0 <= t <= 1.0 for t in top1)
+    assert os.path.exists(os.path.join(out, "pgd_16_4_3", "metrics.jsonl"))
+
+
+def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
+    common = [f"--config={CONFIG}", "--config.max_steps=150", "--config.save_model_steps=10",
+              *TINY]
+    ref = str(tmp_path / "ref")
+    r = run_program("alp_jax.train", *common, f"--output_dir={ref}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out = str(tmp_path / "killed")
+    proc = start_program("alp_jax.train", *common, f"--output_dir={out}")
+    try:
+        wait_for(lambda: (checkpoints.latest_step(out) or 0) >= 10, 240, "a checkpoint", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = checkpoints.latest_step(out)
+    assert killed_at is not None and killed_at < 150, "the run finished before it was killed"
+    r = run_program("alp_jax.train", *common, f"--output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stderr
+    a, b = final_params(ref), final_params(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = start_program("alp_jax.train", f"--config={CONFIG}", f"--output_dir={out}",
+                         "--config.max_steps=-1", "--config.save_model_steps=1000", *TINY)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 240,
+                 "training to run", proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert rc == 0, output[-3000:]
+    step = checkpoints.latest_step(out)
+    assert step is not None and step >= 4 and step % 1000 != 0
+    assert f"saved a checkpoint at step {step}" in output
+    assert not os.path.exists(os.path.join(out, train_lib.DONE_FILE))
+
+
+def test_finetune_exclude_and_trainable_scopes(tmp_path):
+    pre = str(tmp_path / "pre")
+    train_lib.train(tiny_config(pre, max_steps=2, moving_average_decay=-1.0))
+    pretrained = final_params(pre)
+
+    cfg = tiny_config(str(tmp_path / "ft"), max_steps=3, moving_average_decay=-1.0,
+                      finetune_checkpoint_path=pre,
+                      finetune_exclude_pretrained_scopes="resnet_v2_small/logits",
+                      finetune_trainable_scopes="resnet_v2_small/logits,resnet_v2_small/postnorm")
+    model = train_lib.model_from_config(cfg)
+    fresh = jax.device_get(ts.init_variables(model, jax.random.split(
+        jax.random.PRNGKey(cfg.seed))[0], cfg.dataset_image_size))
+    loaded = slim_names.variables_to_slim(finetune.finetune_variables(
+        fresh, pre, exclude_scopes=cfg.finetune_exclude_pretrained_scopes,
+        trainable_scopes=cfg.finetune_trainable_scopes))
+    fresh_named = slim_names.variables_to_slim(fresh)
+    for name, value in loaded.items():
+        expected = fresh_named[name] if name.startswith("resnet_v2_small/logits/") \
+            else pretrained[name]
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+
+    state = train_lib.train(cfg)
+    after = slim_names.variables_to_slim({"params": jax.device_get(state.params)})
+    trained = ("resnet_v2_small/logits/", "resnet_v2_small/postnorm/")
+    for name, value in after.items():
+        if name.startswith(trained):
+            continue
+        np.testing.assert_array_equal(value, pretrained[name], err_msg=f"{name} moved")
+    assert not np.array_equal(after["resnet_v2_small/logits/weights"],
+                              fresh_named["resnet_v2_small/logits/weights"])
+
+    with pytest.raises(ValueError, match="'resnet_v2_small/nope' matches no variable"):
+        finetune.finetune_variables(fresh, pre, exclude_scopes="resnet_v2_small/nope")
+    with pytest.raises(ValueError, match="matches no variable"):
+        finetune.finetune_variables(fresh, pre, trainable_scopes="resnet_v2_50/logits")
+    other = train_lib.model_from_config(tiny_config("", num_classes=7))
+    fresh7 = jax.device_get(ts.init_variables(other, jax.random.PRNGKey(0), 8))
+    with pytest.raises(ValueError, match="(?s)shapes differ.*logits/weights"):
+        finetune.finetune_variables(fresh7, pre)
+    finetune.finetune_variables(fresh7, pre, exclude_scopes="resnet_v2_small/logits")
+
+
+def test_continuous_eval_picks_up_new_checkpoints(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    proc = start_program("alp_jax.eval", f"--train_dir={out}", "--eval_interval_secs=1",
+                         "--num_examples=32", "--eval_name=watch")
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, proc.stdout.read()
+        train_lib.train(tiny_config(out, max_steps=4, save_model_steps=2))
+        rc = proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert rc == 0, output[-3000:]
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "watch", "metrics.jsonl"))]
+    assert steps[-1] == 4
+    assert "evaluation done" in output
+
+
+def _parse(define, argv):
+    fv = flags.FlagValues()
+    define(fv)
+    fv(["prog", *argv])
+    return fv
+
+
+def test_original_readme_commands_parse(tmp_path):
+    imagenet = tmp_path / "imagenet"
+    tiny = tmp_path / "tiny"
+    imagenet.mkdir()
+    tiny.mkdir()
+    fv = _parse(train_lib.define_flags, [
+        "--model_name=resnet_v2_50",
+        "--hparams=train_adv_method=pgdll_16_2_10,train_lp_weight=0.5",
+        "--dataset=imagenet", "--dataset_image_size=64", "--output_dir=/tmp/adv_train",
+        f"--imagenet_data_dir={imagenet}"])
+    cfg = train_lib.config_from_flags(fv)
+    from alp_jax import cli
+
+    cli.validate_config(cfg, training=True)
+    assert (cfg.model_name, cfg.train_adv_method, cfg.train_lp_weight, cfg.dataset,
+            cfg.dataset_image_size, cfg.output_dir, cfg.imagenet_data_dir) == (
+        "resnet_v2_50", "pgdll_16_2_10", 0.5, "imagenet", 64, "/tmp/adv_train", str(imagenet))
+    assert cfg.learning_rate == 0.045 and cfg.optimizer == "rms" and cfg.batch_size == 32
+
+    fv = _parse(train_lib.define_flags, [
+        "--model_name=resnet_v2_50",
+        "--hparams=train_adv_method=pgdll_16_2_10,train_lp_weight=0.5,learning_rate=0.02",
+        "--dataset=tiny_imagenet", "--dataset_image_size=64", "--output_dir=/tmp/adv_finetune",
+        f"--tiny_imagenet_data_dir={tiny}",
+        "--finetune_exclude_pretrained_scopes=resnet_v2_50/logits",
+        "--finetune_trainable_scopes=resnet_v2_50/logits,resnet_v2_50/postnorm",
+        "--finetune_checkpoint_path=/tmp/adv_train", "--max_steps=1000",
+        "--moving_average_decay=-1"])
+    cfg = train_lib.config_from_flags(fv)
+    cli.validate_config(cfg, training=True)
+    assert cfg.learning_rate == 0.02 and cfg.dataset == "tiny_imagenet"
+    assert cfg.finetune_trainable_scopes == "resnet_v2_50/logits,resnet_v2_50/postnorm"
+    assert cfg.finetune_exclude_pretrained_scopes == "resnet_v2_50/logits"
+    assert cfg.finetune_checkpoint_path == "/tmp/adv_train"
+    assert cfg.max_steps == 1000 and cfg.moving_average_decay == -1.0
+
+    fv = _parse(eval_lib.define_flags, [
+        "--train_dir=/tmp/adv_train", "--dataset=imagenet", "--dataset_image_size=64",
+        "--split_name=train", "--adv_method=clean", "--hparams=eval_batch_size=50",
+        "--num_examples=10000", "--eval_once=True", f"--imagenet_data_dir={imagenet}"])
+    cfg = eval_lib.eval_config({"model_name": "resnet_v2_50", "num_classes": 1001}, fv)
+    cli.validate_config(cfg, training=False)
+    assert (cfg.split_name, cfg.adv_method, cfg.eval_batch_size, cfg.num_examples,
+            cfg.num_classes) == ("train", "clean", 50, 10000, 1001)
+    assert fv.eval_once
+
+    fv = _parse(eval_lib.define_flags, [
+        "--train_dir=tmp/adv_finetune",
+        "--trainable_scopes=resnet_v2_50/logits,resnet_v2_50/postnorm",
+        "--dataset=tiny_imagenet", "--dataset_image_size=64", "--adv_method=pgdrnd_16_2_10",
+        "--hparams=eval_batch_size=50", "--eval_once=True", f"--tiny_imagenet_data_dir={tiny}"])
+    cfg = eval_lib.eval_config({}, fv)
+    cli.validate_config(cfg, training=False)
+    assert (cfg.adv_method, cfg.num_classes, cfg.split_name) == (
+        "pgdrnd_16_2_10", 200, "validation")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hparams=foo=1"], "Unknown hparam 'foo'; valid names: batch_size"),
+    (["--hparams=batch_size=abc"], "batch_size='abc': expected a int"),
+    (["--hparams=train_adv_method=pgd_16_2"], "Invalid attack spec 'pgd_16_2'"),
+    (["--dataset=cifar10"], "Unknown dataset 'cifar10'"),
+    (["--model_name=resnet_v2_18"], "Unknown model_name 'resnet_v2_18'"),
+    (["--dataset=tiny_imagenet"], "needs --tiny_imagenet_data_dir"),
+    (["--dataset=imagenet", "--imagenet_data_dir=/nonexistent/dir"], "is not a directory"),
+    (["--hparams=optimizer=sgd"], "Unknown optimizer 'sgd'"),
+])
+def test_bad_flags_give_clear_errors_and_write_nothing(tmp_path, argv, message):
+    out = tmp_path / "never"
+    fv = _parse(train_lib.define_flags, [f"--output_dir={out}", *argv])
+    from alp_jax import cli
+
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+        cli.validate_config(train_lib.config_from_flags(fv), training=True)
+    assert not out.exists()
+
+
+def test_bad_flag_in_program_exits_nonzero_without_output(tmp_path):
+    out = tmp_path / "never"
+    r = run_program("alp_jax.train", f"--output_dir={out}", "--hparams=train_lp_weight=x")
+    assert r.returncode != 0
+    assert "train_lp_weight='x'" in r.stderr
+    assert not out.exists()
