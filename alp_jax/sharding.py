@@ -33,12 +33,12 @@ def initialize_distributed(coordinator_address: str | None = None,
     """
     if not coordinator_address and not auto:
         return
-    if jax.default_backend() == "cpu" or not auto:
-        # CPU collectives across processes need gloo.
-        try:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        except Exception:  # noqa: BLE001 (option absent on some builds; GPUs/TPUs ignore it)
-            pass
+    # CPU collectives across processes need gloo (GPUs and TPUs ignore this). Asking for
+    # the backend here would initialise it too early, so set it unconditionally.
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # noqa: BLE001 (option absent on some builds)
+        pass
     kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s)}
     if coordinator_address:
         if num_processes is None or process_id is None:
@@ -48,6 +48,10 @@ def initialize_distributed(coordinator_address: str | None = None,
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
     start = time.time()
+    if coordinator_address and process_id != 0:
+        # XLA aborts the process (no Python exception) when the coordinator stays
+        # unreachable; check reachability first so the failure is a clear error.
+        _wait_for_coordinator(coordinator_address, timeout_s)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 (re-raised with context)
@@ -58,6 +62,25 @@ def initialize_distributed(coordinator_address: str | None = None,
     logging.info("JAX cluster: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator_address {address!r} must look like host:port.")
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise RuntimeError(
+                    f"Could not reach the JAX coordinator at {address} within {timeout_s}s "
+                    f"({e}). Start process 0 first, and check the address and port.") from e
+            time.sleep(0.5)
 
 
 def make_mesh(model_axis: int = 1, devices: list[Any] | None = None) -> Mesh:

@@ -1,0 +1,76 @@
+"""Run by tests/test_sharding.py in a subprocess with several forced CPU devices.
+
+Trains a few ALP steps of the small model on the same batches with meshes of different
+sizes and prints a JSON report (parameter differences, shardings, compile counts).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def main() -> None:
+    from alp_jax import data, sharding, steps
+    from alp_jax import train_state as ts
+    from alp_jax.config import default_config
+    from alp_jax.model import create_model
+
+    cfg = default_config()
+    cfg.model_name = "resnet_v2_small"
+    cfg.dataset_image_size = 8
+    cfg.batch_size = 16
+    cfg.examples_per_epoch = 1438
+    cfg.num_classes = 10
+    cfg.train_adv_method = "pgdll_16_4_2"
+    cfg.train_lp_weight = 0.5
+    cfg.learning_rate = 0.02
+    model = create_model(cfg.model_name, 10)
+    tx, _ = ts.optimizer_from_config(cfg, cfg.examples_per_epoch)
+    it = data.train_iterator("digits", None, 8, 16)
+    batches = [next(it) for _ in range(3)]
+
+    def run(devices, model_axis=1):
+        mesh = sharding.make_mesh(model_axis, devices)
+        sharding.check_global_batch(16, mesh)
+
+        def fresh(rng):
+            return ts.create_train_state(model, tx, rng, 8, moving_average_decay=0.99)
+
+        abstract = jax.eval_shape(fresh, jax.random.PRNGKey(0))
+        sh = sharding.state_sharding(abstract, mesh)
+        state = jax.jit(fresh, out_shardings=sh)(jax.random.PRNGKey(0))
+        step = sharding.jit_train_step(steps.make_train_step(cfg, model), sh, mesh)
+        specs = []
+        for b in batches:
+            g = sharding.global_batch(b, mesh)
+            specs.append([str(g["images"].sharding.spec), len(g["images"].sharding.device_set)])
+            state, metrics = step(state, g["images"], g["labels"])
+        params = jax.tree_util.tree_leaves(jax.device_get(state.params))
+        sharded_params = sum(
+            1 for x in jax.tree_util.tree_leaves(state.params)
+            if not x.sharding.is_fully_replicated)
+        return params, specs, step._cache_size(), float(metrics["total_loss"]), sharded_params
+
+    devs = jax.devices()
+    p1, _, _, loss1, _ = run(devs[:1])
+    p8, specs8, compiles8, loss8, _ = run(devs)
+    p42, _, _, loss42, n_sharded = run(devs, model_axis=2)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8, strict=True))
+    diff42 = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p42, strict=True))
+    scale = max(float(np.max(np.abs(a))) for a in p1)
+    print("REPORT " + json.dumps({
+        "devices": len(devs), "max_diff_8": diff, "max_diff_4x2": diff42, "param_scale": scale,
+        "loss": [loss1, loss8, loss42], "batch_specs": specs8, "compiles": compiles8,
+        "params_sharded_on_model_axis": n_sharded}))
+    try:
+        sharding.check_global_batch(12, sharding.make_mesh(1, devs))
+    except ValueError as e:
+        print("BATCH_ERROR " + str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
