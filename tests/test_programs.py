@@ -301,3 +301,19 @@ def test_bad_flag_in_program_exits_nonzero_without_output(tmp_path):
     assert r.returncode != 0
     assert "train_lp_weight='x'" in r.stderr
     assert not out.exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    # A sane learning rate for 4 steps, then one so large that the weights overflow.
+    cfg = tiny_config(out, max_steps=60, save_model_steps=2, log_every_steps=1,
+                      train_adv_method="clean", lr_schedule="step", lr_list=[0.01, 1e30],
+                      lr_decay_epochs=[0.05], weight_decay=0.0)
+    with pytest.raises(FloatingPointError, match=r"Loss is (nan|inf) at step \d+") as err:
+        train_lib.train(cfg)
+    bad_step = int(str(err.value).split(" at step ")[1].split()[0])
+    last = checkpoints.latest_step(out)
+    assert last is not None and 4 <= last < bad_step
+    assert f"last good checkpoint is step {last}" in str(err.value)
+    for name, value in final_params(out).items():
+        assert np.all(np.isfinite(value)), name
