@@ -1,0 +1,178 @@
+"""Helpers shared by the core-library tests: the small model, digits configs, training.
+
+Test modules import this as ``import helpers`` (pytest puts ``tests/`` on ``sys.path``).
+``conftest.py`` builds the session fixtures from these helpers; other test files may call
+them directly, e.g. ``helpers.train(config, model, state, 10)``.
+
+Model initialisation is the slowest thing on CPU (XLA compiles every random initializer:
+over ten seconds for the small model), so ``init_small_variables`` compiles the init once
+per process and every caller reuses it; the variable shapes do not depend on the image
+size, so one initialisation serves every input size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alp_jax import steps
+from alp_jax import train_state as ts
+from alp_jax.config import default_config
+from alp_jax.data import digits
+from alp_jax.model import ResNetV2, resnet_v2_small
+
+IMAGE_SIZE = 16
+NUM_CLASSES = 10
+BATCH_SIZE = 32
+# A few hundred steps are too few for TF-slim's 0.997: let the BatchNorm statistics settle.
+BN_DECAY = 0.9
+SMALL_SCOPE = "resnet_v2_small"
+
+
+def small_model(**kwargs: Any) -> ResNetV2:
+    """``resnet_v2_small`` for 10 digit classes (``kwargs``: dtype, bn_group_size, ...)."""
+    kwargs.setdefault("bn_decay", BN_DECAY)
+    return resnet_v2_small(NUM_CLASSES, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _jit_small_init() -> Callable[[jax.Array], dict[str, Any]]:
+    model = small_model()
+    x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, x, train=False))
+
+
+@functools.lru_cache(maxsize=4)
+def init_small_variables(seed: int = 0) -> dict[str, Any]:
+    """Fresh ``{'params', 'batch_stats'}`` of ``small_model()`` (one compile per process)."""
+    return _jit_small_init()(jax.random.PRNGKey(seed))
+
+
+def digits_split(split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 16, 16, 3] in [-1, 1], labels [N]) of a digits split."""
+    return digits.load_split(split, IMAGE_SIZE)
+
+
+def digits_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """``default_config()`` for the small model on 16x16 digits, batch 32, plus overrides.
+
+    Only what the defaults leave to the dataset (classes, epoch size) and the model choice
+    are filled in; everything else keeps the original's defaults (RMSProp, lr 0.045,
+    exp_decay, weight decay 1e-4, label smoothing 0.1, clean training).
+    """
+    c = default_config()
+    c.dataset = "digits"
+    c.dataset_image_size = IMAGE_SIZE
+    c.model_name = SMALL_SCOPE
+    c.num_classes = NUM_CLASSES
+    c.examples_per_epoch = digits.num_examples("train")
+    c.bn_decay = BN_DECAY
+    c.batch_size = BATCH_SIZE
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def new_state(config: ml_collections.ConfigDict, model: ResNetV2,
+              variables: dict[str, Any] | None = None, seed: int = 0) -> ts.TrainState:
+    """A TrainState for ``config`` from ``variables`` (default: the shared fresh init)."""
+    tx, _ = ts.optimizer_from_config(config, config.examples_per_epoch)
+    if variables is None:
+        variables = init_small_variables(seed)
+    return ts.create_train_state(model, tx, jax.random.PRNGKey(seed), IMAGE_SIZE,
+                                 moving_average_decay=config.moving_average_decay,
+                                 variables=variables)
+
+
+@dataclasses.dataclass
+class CountedStep:
+    """A jitted train step that counts how often JAX traces it (a Python side effect)."""
+
+    fn: Callable[..., Any]
+    traces: int = 0
+
+    @classmethod
+    def build(cls, config: ml_collections.ConfigDict, model: ResNetV2) -> CountedStep:
+        raw = steps.make_train_step(config, model)
+        counted = cls(fn=lambda *a: None)
+
+        def traced(*args):
+            counted.traces += 1
+            return raw(*args)
+
+        counted.fn = jax.jit(traced)
+        return counted
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def train(step: Callable[..., Any], state: ts.TrainState, num_steps: int, *, seed: int = 0,
+          start_step: int = 0) -> tuple[ts.TrainState, list[dict[str, float]]]:
+    """``num_steps`` steps on digits batches; returns the state and per-step metrics."""
+    it = digits.train_iterator(IMAGE_SIZE, BATCH_SIZE, seed=seed, start_step=start_step)
+    history = []
+    for _ in range(num_steps):
+        batch = next(it)
+        state, metrics = step(state, batch["images"], batch["labels"])
+        history.append(metrics)
+    history = [{k: np.asarray(v) for k, v in m.items()} for m in jax.device_get(history)]
+    return state, history
+
+
+def inference_fn(model: ResNetV2) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
+    """Jitted inference-mode logits ``(variables, images) -> logits``."""
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def accuracy(logits: Any, labels: Any) -> float:
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels)))
+
+
+@dataclasses.dataclass
+class TrainedDigits:
+    """The session's small model trained on clean digits (see ``conftest.trained_digits``)."""
+
+    config: ml_collections.ConfigDict
+    model: ResNetV2
+    step: CountedStep
+    state: ts.TrainState
+    history: list[dict[str, float]]
+    logits: Callable[[dict[str, Any], jax.Array], jax.Array]
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    clean_accuracy: float
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The trained (not averaged) variables."""
+        return self.state.variables(use_ema=False)
+
+
+def train_digits(num_steps: int = 150) -> TrainedDigits:
+    """Trains ``small_model()`` on clean 16x16 digits with the default (RMSProp) recipe."""
+    config = digits_config()
+    model = small_model()
+    step = CountedStep.build(config, model)
+    state, history = train(step, new_state(config, model), num_steps)
+    logits = inference_fn(model)
+    val_images, val_labels = digits_split("validation")
+    acc = accuracy(logits(state.variables(), val_images), val_labels)
+    return TrainedDigits(config, model, step, state, history, logits, val_images, val_labels,
+                         acc)
+
+
+def tree_allclose(a: Any, b: Any, **kwargs: Any) -> bool:
+    """Same structure and every leaf close."""
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
+    return all(np.allclose(np.asarray(x), np.asarray(y), **kwargs)
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                               strict=True))
