@@ -83,7 +83,7 @@ def _spec_error(spec: str, why: str) -> ValueError:
 def parse_int(spec: str, field: str, what: str, minimum: int = 1,
               maximum: int | None = None) -> int:
     """One integer field of a spec, with an error that names the spec."""
-    if not field.isdigit():
+    if not (field.isascii() and field.isdigit()):  # str.isdigit also accepts e.g. '²'
         raise _spec_error(spec, f"{what} must be an integer, got {field!r}")
     value = int(field)
     if value < minimum or (maximum is not None and value > maximum):

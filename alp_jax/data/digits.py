@@ -2,7 +2,7 @@
 
 1,797 8x8 grey images (values 0..16, shipped with scikit-learn, no download), upsampled
 bilinearly to ``image_size``, replicated to 3 channels and scaled to [-1, 1] like the
-original's ImageNet preprocessing. A fixed 80/20 split gives 1,437 train and 360
+original's ImageNet preprocessing. A fixed 80/20 split gives 1,438 train and 359
 validation examples.
 """
 
