@@ -230,6 +230,9 @@ def trainable_mask_fn(trainable_scopes: Sequence[str] | str | None
 def optimizer_from_config(config: Any, examples_per_epoch: int
                           ) -> tuple[optax.GradientTransformation, Schedule]:
     """The optimizer and learning-rate schedule a config asks for."""
+    if examples_per_epoch <= 0:
+        raise ValueError(f"examples_per_epoch must be positive, got {examples_per_epoch}; "
+                         "set config.examples_per_epoch or use train.resolve_config().")
     spe = steps_per_epoch(examples_per_epoch, config.batch_size, config.num_replicas)
     schedule = make_schedule(
         config.lr_schedule, config.learning_rate, spe,

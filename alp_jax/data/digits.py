@@ -39,6 +39,9 @@ def load_split(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
             images, (len(images), image_size, image_size), method="linear"))
     images = np.clip(images, 0.0, 1.0) * 2.0 - 1.0
     images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32)
+    # Cached and shared by every caller: make accidental in-place edits fail loudly.
+    images.flags.writeable = False
+    labels.flags.writeable = False
     return images, labels
 
 
