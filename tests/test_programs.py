@@ -103,7 +103,7 @@ def test_train_checkpoint_eval_end_to_end(tmp_path):
 
 
 def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
-    common = [f"--config={CONFIG}", "--config.max_steps=150", "--config.save_model_steps=10",
+    common = [f"--config={CONFIG}", "--config.max_steps=80", "--config.save_model_steps=20",
               *TINY]
     ref = str(tmp_path / "ref")
     r = run_program("alp_jax.train", *common, f"--output_dir={ref}")
@@ -112,14 +112,14 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     out = str(tmp_path / "killed")
     proc = start_program("alp_jax.train", *common, f"--output_dir={out}")
     try:
-        wait_for(lambda: (checkpoints.latest_step(out) or 0) >= 10, 240, "a checkpoint", proc)
+        wait_for(lambda: (checkpoints.latest_step(out) or 0) >= 20, 240, "a checkpoint", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     killed_at = checkpoints.latest_step(out)
-    assert killed_at is not None and killed_at < 150, "the run finished before it was killed"
+    assert killed_at is not None and killed_at < 80, "the run finished before it was killed"
     r = run_program("alp_jax.train", *common, f"--output_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from" in r.stderr
