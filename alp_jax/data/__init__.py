@@ -29,6 +29,26 @@ def _check_dataset(name: str) -> None:
         raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
 
 
+def _tfrecord_datasets():
+    """The TFRecord/TFDS pipelines, or a clear error where this build lacks them."""
+    try:
+        from alp_jax.data import tfrecord_datasets
+    except ModuleNotFoundError as e:
+        if e.name != "alp_jax.data.tfrecord_datasets":
+            raise
+        raise NotImplementedError(
+            "The ImageNet / Tiny ImageNet input pipelines are not part of this build yet; "
+            "only --dataset=digits can be read.") from None
+    return tfrecord_datasets
+
+
+def check_available(dataset: str) -> None:
+    """Raises before anything is written if ``dataset`` cannot be read in this build."""
+    _check_dataset(dataset)
+    if dataset != "digits":
+        _tfrecord_datasets()
+
+
 def num_classes(dataset: str) -> int:
     """Number of logits a model for ``dataset`` has (ImageNet keeps the background class 0)."""
     _check_dataset(dataset)
@@ -42,9 +62,7 @@ def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
         from alp_jax.data import digits
 
         return digits.num_examples(split)
-    from alp_jax.data import tfrecord_datasets
-
-    return tfrecord_datasets.num_examples(dataset, split, data_dir)
+    return _tfrecord_datasets().num_examples(dataset, split, data_dir)
 
 
 def train_iterator(
@@ -66,9 +84,7 @@ def train_iterator(
         return digits.train_iterator(
             image_size, local_batch_size, seed=seed, process_index=process_index,
             process_count=process_count, start_step=start_step)
-    from alp_jax.data import tfrecord_datasets
-
-    return tfrecord_datasets.train_iterator(
+    return _tfrecord_datasets().train_iterator(
         dataset, data_dir, image_size, local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count, start_step=start_step)
 
@@ -95,8 +111,6 @@ def eval_iterator(
         return digits.eval_iterator(
             image_size, local_batch_size, split=split, num_examples=num_examples,
             process_index=process_index, process_count=process_count)
-    from alp_jax.data import tfrecord_datasets
-
-    return tfrecord_datasets.eval_iterator(
+    return _tfrecord_datasets().eval_iterator(
         dataset, data_dir, image_size, local_batch_size, split=split,
         num_examples=num_examples, process_index=process_index, process_count=process_count)
