@@ -31,8 +31,10 @@ def _check_dataset(name: str) -> None:
 
 def _tfrecord_datasets():
     """The TFRecord/TFDS pipelines, or a clear error where this build lacks them."""
+    import importlib
+
     try:
-        from alp_jax.data import tfrecord_datasets
+        tfrecord_datasets = importlib.import_module("alp_jax.data.tfrecord_datasets")
     except ModuleNotFoundError as e:
         if e.name != "alp_jax.data.tfrecord_datasets":
             raise
