@@ -38,6 +38,9 @@ class AttackSpec:
     restarts: int = 1
     true_label: bool = False  # attack the true label instead of the model's prediction
     spec: str = "clean"
+    # Used by the families in alp_jax.attacks; the original methods leave the defaults.
+    loss: str = "xent"  # objective: xent, cw (margin), dlr, margin (Square)
+    targets: int = 0  # > 0: targeted runs at each of the top-``targets`` other classes
 
     @property
     def is_clean(self) -> bool:

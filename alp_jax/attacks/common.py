@@ -1,0 +1,97 @@
+"""Parts the extra attack families share: spec suffixes, reference labels, margins, and
+the worst case over several runs (restarts, target classes).
+
+Success everywhere means what the evaluation counts as an error: some other logit is
+strictly larger than the reference label's (``losses.topk_correct`` counts ties as
+correct), i.e. ``margin > 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from alp_jax import pgd
+from alp_jax.pgd import AttackSpec, Bounds, LogitsFn
+
+# pgd's own error (its wording and the list of valid forms), so every spec error reads alike.
+spec_error = pgd._spec_error
+
+SUFFIX_NAMES = {"r": "restarts K", "t": "target classes K"}
+MAX_SUFFIX = 10_000
+
+
+def parse_suffixes(spec: str, fields: list[str], allowed: str, form: str) -> dict[str, int]:
+    """``['r5', 't9'] -> {'r': 5, 't': 9}``; each letter of ``allowed`` at most once."""
+    out: dict[str, int] = {}
+    for field in fields:
+        kind = field[:1]
+        if kind not in allowed or len(field) < 2:
+            raise spec_error(spec, f"unexpected field {field!r}; expected {form}")
+        if kind in out:
+            raise spec_error(spec, f"suffix _{kind}K given twice")
+        out[kind] = pgd.parse_int(spec, field[1:], SUFFIX_NAMES[kind], 1, MAX_SUFFIX)
+    return out
+
+
+def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per example ``max_{j != y} z_j - z_y``: > 0 exactly when the example is misclassified."""
+    logits = logits.astype(jnp.float32)
+    label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return jnp.max(others, axis=-1) - label_logit
+
+
+def reference_labels(spec: AttackSpec, clean_logits: jax.Array,
+                     labels: jax.Array | None) -> jax.Array:
+    """The labels an attack moves away from: the true ones, else the model's prediction."""
+    if labels is not None:
+        return labels
+    if spec.true_label:
+        raise ValueError(f"Attack {spec.spec!r} attacks the true label; pass labels=.")
+    return jnp.argmax(clean_logits, -1)
+
+
+def start(key: jax.Array, x0: jax.Array, eps: float | jax.Array, bounds: Bounds,
+          use_random: jax.Array | bool) -> jax.Array:
+    """Uniform random start in the eps-ball, or the clean images (a traced choice, so one
+    trace serves the first run and the restarts)."""
+    return jnp.where(use_random, pgd.random_start(key, x0, eps, bounds),
+                     pgd.project(x0, x0, eps, bounds))
+
+
+RunFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def worst_case_runs(run: RunFn, logits_fn: LogitsFn, x0: jax.Array, ref: jax.Array,
+                    key: jax.Array, num_runs: int, runs_per_group: int,
+                    random_start: bool) -> jax.Array:
+    """Per example, the first run that succeeds, else the run with the largest margin.
+
+    ``run(index, key, use_random) -> x`` is one attack run; run 0 gets ``key`` and run
+    ``r > 0`` gets ``fold_in(key, r)``, so the first run of a K-run attack is the whole of
+    the 1-run attack and more runs can only add successes. ``use_random`` is False only for the
+    first run of each group of ``runs_per_group`` when ``random_start`` is False. The
+    loop ends early once every example is fooled.
+    """
+    if num_runs == 1:
+        return run(jnp.int32(0), key, jnp.asarray(random_start))
+    expand = (-1,) + (1,) * (x0.ndim - 1)
+
+    def body(carry):
+        r, x_best, m_best, fooled = carry
+        use_random = jnp.asarray(random_start) | (r % runs_per_group != 0)
+        run_key = jax.lax.cond(r == 0, lambda: key, lambda: jax.random.fold_in(key, r))
+        x = run(r, run_key, use_random)
+        m = margin(logits_fn(x), ref)
+        take = ~fooled & ((m > 0) | (m > m_best))
+        return (r + 1, jnp.where(take.reshape(expand), x, x_best), jnp.where(take, m, m_best),
+                fooled | (take & (m > 0)))
+
+    # Once every example is fooled, more runs cannot change which ones are: stop early.
+    cond = lambda carry: (carry[0] < num_runs) & ~jnp.all(carry[3])
+    n = x0.shape[0]
+    init = (jnp.int32(0), x0, jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), bool))
+    return jax.lax.while_loop(cond, body, init)[1]
