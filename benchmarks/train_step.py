@@ -399,18 +399,18 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
         record["memory_ratio_vs_clean_2x_batch"] = (
             mine / theirs if mine is not None and theirs else None)
 
-    times = []
+    times, cpu_times = [], []
     out = None
     for i in range(args.warmup + args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         if part == "attack":
-            t0 = time.perf_counter()
             out = jax.block_until_ready(compiled(*call_args))
         else:
-            t0 = time.perf_counter()
             state, metrics = compiled(state, images, labels, key)
             out = jax.block_until_ready((state, metrics))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     del out
     med = statistics.median(times)
     achieved = flops_total / med
@@ -439,6 +439,7 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
         "step_time_s_median": med,
         "step_time_s_min": min(times),
         "images_per_s": batch / med,
+        "cpu_s_per_step_median": statistics.median(cpu_times),
         "images_per_s_best": batch / min(times),
         "compile_s": compile_s,
         "flops_per_step": flops_total,

@@ -98,23 +98,27 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], float]:
-    """(timed step durations, duration of the first call, i.e. warm-up/compile)."""
+def time_steps(step: Callable[[], Any], warmup: int, steps: int
+               ) -> tuple[list[float], float, list[float]]:
+    """(timed step durations, duration of the first call (warm-up/compile), process CPU
+    seconds of each timed step)."""
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
-    return times, first
+        cpu.append(time.process_time() - c0)
+    return times, first, cpu
 
 
 def record(args: argparse.Namespace, impl: str, part: str, batch: int, attack: str,
-           times: Sequence[float], first_s: float, **extra: Any) -> dict[str, Any]:
+           times: Sequence[float], first_s: float, cpu: Sequence[float],
+           **extra: Any) -> dict[str, Any]:
     med = statistics.median(times)
     rec = {
         "impl": impl, "part": part, "model": args.model, "num_classes": args.num_classes,
@@ -126,6 +130,7 @@ def record(args: argparse.Namespace, impl: str, part: str, batch: int, attack: s
         "load_average": load_average(), "steps": len(times),
         "step_time_s_median": med, "step_time_s_min": min(times),
         "images_per_s": batch / med, "images_per_s_best": batch / min(times),
+        "cpu_s_per_step_median": statistics.median(cpu),
         "first_step_s": first_s, "process_peak_rss_bytes": peak_rss_bytes(),
     }
     rec.update(extra)

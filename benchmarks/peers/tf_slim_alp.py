@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     sess.run(init)
                     feed = {images: feed_images.astype(np.float32),
                             labels: feed_labels.astype(np.int32)}
-                    times, first = common.time_steps(lambda f=fetch, d=feed, s=sess: s.run(f, d),
-                                                     args.warmup, args.steps)
+                    times, first, cpu = common.time_steps(
+                        lambda f=fetch, d=feed, s=sess: s.run(f, d), args.warmup, args.steps)
                 rec = common.record(args, "tf-slim-graph", part, batch, attack, times, first,
-                                    tf_version=tf.__version__, onednn=onednn)
+                                    cpu, tf_version=tf.__version__, onednn=onednn)
                 records.append(rec)
                 common.emit(rec, args.json)
     print(common.table(records), flush=True)

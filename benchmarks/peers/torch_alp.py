@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for part in common.csv(args.parts):
                 if part == "clean" and attack != attacks[0]:
                     continue
-                times, first = common.time_steps(
+                times, first, cpu = common.time_steps(
                     lambda p=part, a=attack, x=images, y=labels: bench.run(p, x, y, a),
                     args.warmup, args.steps)
-                rec = common.record(args, impl, part, batch, attack, times, first,
+                rec = common.record(args, impl, part, batch, attack, times, first, cpu,
                                     torch_version=torch.__version__,
                                     threads=torch.get_num_threads())
                 records.append(rec)
