@@ -3,13 +3,15 @@
 Each program runs in its own process (so that XLA flags, thread pools and allocators do
 not mix) with the shared flags; their JSON lines are collected and put side by side::
 
-    python benchmarks/compare.py --batch 32 --attack pgdll_16_2_10 --steps 5 \
-        --ours "--fast_attack" --ours "" --peers torch,tf_slim
+    FLAG=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+    python benchmarks/compare.py --batch 32 --attack pgdll_16_2_10 --steps 5 --ours= \
+        --ours="--fast_attack --xla_flags=$FLAG"
 
-``--ours`` may be given several times: each is one variant of ``train_step.py``'s extra
-flags (``""`` is the plain library path). The ratio column is each row's images/s over
-the fastest peer's for the same part and batch. Running them one after the other on a
-shared machine: compare only rows taken at a similar load (the table prints it).
+``--ours=FLAGS`` (with ``=``, since FLAGS start with ``--``) may be given several times:
+each is one variant of ``train_step.py``'s extra flags (empty: the plain library path).
+The ratio column is each row's images/s over the fastest peer's for the same part and
+batch. They run one after the other: on a shared machine, compare only rows taken at a
+similar load (the table prints it).
 """
 
 from __future__ import annotations
