@@ -55,3 +55,30 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
     logits = logits.astype(jnp.float32)
     label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
     return jnp.sum(logits > label_logit, axis=-1) < k
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """Per-example ``KL(softmax(p) || softmax(q))``, computed in float32."""
+    logp = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+    logq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def clean_logit_pairing_loss(logits: jax.Array, weight: float) -> jax.Array:
+    """Clean logit pairing: ``weight * mean((z[0::2] - z[1::2])^2)``; 0 when weight <= 0.
+
+    Pairs example 2i with 2i+1. Batches are shuffled, so these are random pairs of clean
+    examples as in the paper, and the pairs stay inside each data shard.
+    """
+    if logits.shape[0] % 2:
+        raise ValueError(f"Clean logit pairing needs an even batch, got {logits.shape[0]} "
+                         "examples.")
+    return logit_pairing_loss(logits[0::2], logits[1::2], weight)
+
+
+def logit_squeezing_loss(logits: jax.Array, weight: float) -> jax.Array:
+    """Logit squeezing: ``weight * mean over all elements of z^2`` (the reduction of the
+    pairing terms, i.e. the squared L2 norm of the logits / classes); 0 when weight <= 0."""
+    if weight <= 0:
+        return jnp.zeros((), jnp.float32)
+    return weight * jnp.mean(jnp.square(logits.astype(jnp.float32)))

@@ -10,9 +10,17 @@ An objective is three small pure functions used by ``alp_jax.steps.make_train_st
   returned images;
 - ``accuracies(logits, labels, mixed)``: training accuracies for the summaries.
 
-``alp`` is the original: ``train_adv_method='clean'`` trains on clean images,
-``pgd*`` with ``train_lp_weight <= 0`` is mixed-minibatch PGD training, and with
-``train_lp_weight > 0`` adversarial logit pairing.
+``train_objective`` chooses one (weights: ``train_lp_weight`` for ALP, ``objective_weight``
+for the others):
+
+- ``alp``, the original: ``train_adv_method='clean'`` trains on clean images, ``pgd*``
+  with ``train_lp_weight <= 0`` is mixed-minibatch PGD training, and with
+  ``train_lp_weight > 0`` adversarial logit pairing;
+- ``clp``, clean logit pairing (ALP paper, Sec. 4.2): pairs the logits of random pairs of
+  clean examples;
+- ``lsq``, logit squeezing (ALP paper, Sec. 4.3): a penalty on the logits' squared norm;
+- ``trades`` (Zhang et al. 2019): clean cross-entropy + beta * KL(clean || adversarial),
+  the adversarial examples crafted to maximise that KL.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from alp_jax import losses
-from alp_jax.pgd import AttackSpec, generate_adversarial_examples
+from alp_jax import losses, pgd
+from alp_jax.pgd import AttackSpec, generate_adversarial_examples, parse_attack
 
 
 def split_mixed(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,10 +87,110 @@ def alp_objective(label_smoothing: float, lp_weight: float, mixed: bool) -> Obje
     return Objective(pgd_craft, loss)
 
 
+def clp_objective(label_smoothing: float, weight: float, mixed: bool) -> Objective:
+    """Clean logit pairing: cross-entropy + ``weight * mean((z_2i - z_2i+1)^2)`` over pairs
+    of clean examples (with a PGD ``train_adv_method`` the cross-entropy also covers the
+    adversarial half of the mixed minibatch; the pairs are always clean)."""
+
+    def loss(logits, labels, key):
+        del key
+        clean = split_mixed(logits)[0] if mixed else logits
+        both = jnp.repeat(labels, 2) if mixed else labels
+        return {"loss_xent": losses.smoothed_cross_entropy(logits, both, label_smoothing),
+                "loss_clp": losses.clean_logit_pairing_loss(clean, weight)}
+
+    return Objective(pgd_craft, loss)
+
+
+def lsq_objective(label_smoothing: float, weight: float, mixed: bool) -> Objective:
+    """Logit squeezing: cross-entropy + ``weight * mean(z^2)`` over every logit of the pass
+    (clean, or the whole mixed minibatch with a PGD ``train_adv_method``)."""
+
+    def loss(logits, labels, key):
+        del key
+        both = jnp.repeat(labels, 2) if mixed else labels
+        return {"loss_xent": losses.smoothed_cross_entropy(logits, both, label_smoothing),
+                "loss_lsq": losses.logit_squeezing_loss(logits, weight)}
+
+    return Objective(pgd_craft, loss)
+
+
+# TRADES starts its attack at x + 0.001 * N(0, 1) on a [0, 1] pixel scale: at x itself the
+# KL term and its gradient are exactly zero and the signed step would never move.
+TRADES_START_STD = 0.001
+
+
+def trades_spec(attack: str | AttackSpec) -> AttackSpec:
+    """The parsed spec, if it is a plain ``pgd_EPS_STEP_NITER`` (what TRADES reads)."""
+    spec = parse_attack(attack)
+    if spec.method != "pgd" or spec.restarts != 1 or spec.loss != "xent" or spec.true_label:
+        raise ValueError(
+            "TRADES takes eps, step and iterations from a plain pgd_EPS_STEP_NITER spec "
+            f"(e.g. pgd_16_2_10), got train_adv_method={spec.spec!r}.")
+    return spec
+
+
+def trades_attack(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
+                  key: jax.Array, attack: str | AttackSpec,
+                  bounds: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
+    """TRADES' inner maximisation: signed-gradient ascent on
+    ``sum_i KL(p(x_i) || p(x'_i))`` from ``x + N(0, (0.001 * range)^2)``, projected onto
+    the eps-ball and bounds; EPS, STEP and NITER come from a ``pgd_EPS_STEP_NITER`` spec."""
+    spec = trades_spec(attack)
+    scale = pgd.pixel_scale(bounds)
+    eps, step = spec.eps * scale, spec.step * scale
+    x0 = jax.lax.stop_gradient(images)
+    target = jax.lax.stop_gradient(logits_fn(x0))
+    noise = jax.random.normal(key, x0.shape, x0.dtype) * (TRADES_START_STD * 255 * scale)
+    x = pgd.project(x0 + noise, x0, eps, bounds)
+    objective = lambda x: jnp.sum(losses.kl_divergence(target, logits_fn(x)))
+    x = pgd.signed_gradient_loop(objective, x, x0, eps, step, spec.niter, bounds, 1.0)
+    return jax.lax.stop_gradient(x)
+
+
+def trades_craft(model: Any, variables: dict[str, Any], images: jax.Array, labels: jax.Array,
+                 key: jax.Array, attack: AttackSpec, bounds: tuple[float, float]) -> jax.Array:
+    """TRADES' adversarial examples from the current weights in inference mode."""
+    del labels  # TRADES moves away from the model's own clean prediction
+    frozen = jax.lax.stop_gradient(variables)
+    return trades_attack(lambda x: model.apply(frozen, x, train=False), images, key, attack,
+                         bounds)
+
+
+def trades_objective(label_smoothing: float, beta: float, mixed: bool) -> Objective:
+    """TRADES (Zhang et al. 2019): cross-entropy on the clean half +
+    ``beta * mean_i KL(p(x_i) || p(x'_i))``, both halves from one training-mode pass on the
+    mixed minibatch (so BatchNorm statistics cover both, as for ALP)."""
+    if not mixed:
+        raise ValueError(
+            "train_objective='trades' needs adversarial examples: set train_adv_method to a "
+            "pgd_EPS_STEP_NITER spec (e.g. pgd_16_2_10) for its eps, step and iterations; "
+            "got 'clean'.")
+
+    def loss(logits, labels, key):
+        del key
+        clean, adv = split_mixed(logits)
+        return {"loss_xent": losses.smoothed_cross_entropy(clean, labels, label_smoothing),
+                "loss_kl": beta * jnp.mean(losses.kl_divergence(clean, adv))}
+
+    return Objective(trades_craft, loss)
+
+
 _REGISTRY: dict[str, Callable[[Any, bool], Objective]] = {
     "alp": lambda config, mixed: alp_objective(
         config.label_smoothing, config.train_lp_weight, mixed),
+    "clp": lambda config, mixed: clp_objective(
+        config.label_smoothing, config.objective_weight, mixed),
+    "lsq": lambda config, mixed: lsq_objective(
+        config.label_smoothing, config.objective_weight, mixed),
+    "trades": lambda config, mixed: _checked_trades(config, mixed),
 }
+
+
+def _checked_trades(config: Any, mixed: bool) -> Objective:
+    if mixed:  # the spec's error now, not when the step is traced
+        trades_spec(config.train_adv_method)
+    return trades_objective(config.label_smoothing, config.objective_weight, mixed)
 
 
 def register_objective(name: str, factory: Callable[[Any, bool], Objective]) -> None:
@@ -96,7 +204,5 @@ def get_objective(config: Any) -> Objective:
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown train_objective {name!r}; valid: {', '.join(sorted(_REGISTRY))}.")
-    from alp_jax.pgd import parse_attack
-
     mixed = not parse_attack(config.train_adv_method).is_clean
     return _REGISTRY[name](config, mixed)

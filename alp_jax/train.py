@@ -188,10 +188,12 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
     history: list[tuple[int, dict[str, Any]]] = []
     last_good = start_step
     t_last, s_last = time.time(), step
+    weight = cfg.train_lp_weight if cfg.train_objective == "alp" else cfg.objective_weight
     logging.info("Training %s on %s: global batch %d on %d devices (%d processes), "
-                 "attack %s, lp weight %g, from step %d to %s.", cfg.model_name, cfg.dataset,
-                 global_batch, jax.device_count(), jax.process_count(), cfg.train_adv_method,
-                 cfg.train_lp_weight, step, max_steps if max_steps >= 0 else "unlimited")
+                 "objective %s (weight %g), attack %s, from step %d to %s.", cfg.model_name,
+                 cfg.dataset, global_batch, jax.device_count(), jax.process_count(),
+                 cfg.train_objective, weight, cfg.train_adv_method, step,
+                 max_steps if max_steps >= 0 else "unlimited")
 
     def check_finite() -> list[tuple[int, dict[str, Any]]]:
         nonlocal history, last_good
@@ -236,12 +238,14 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
                 t_last, s_last = now, step
                 eta = (max_steps - step) / rate if max_steps > 0 and rate > 0 else float("nan")
                 if log_now and is_main:
+                    terms = ", ".join(f"{k[5:]} {float(v):.4f}" for k, v in m.items()
+                                      if k.startswith("loss_"))
                     logging.info(
                         "step %d%s | %.2f steps/s | %.1f examples/s | ETA %s | loss %.4f "
-                        "(xent %.4f, lp %.4f, wd %.4f) | lr %.5g | acc clean %.3f%s", step,
+                        "(%s) | lr %.5g | acc clean %.3f%s", step,
                         f"/{max_steps}" if max_steps > 0 else "", rate, rate * global_batch,
-                        _format_eta(eta), m["total_loss"], m["loss_xent"], m["loss_lp"],
-                        m["loss_wd"], m["learning_rate"], m["clean_accuracy"],
+                        _format_eta(eta), m["total_loss"], terms, m["learning_rate"],
+                        m["clean_accuracy"],
                         f" adv {float(m['adv_accuracy']):.3f}" if "adv_accuracy" in m else "")
                 if summ_now:
                     writer.scalars(step, {**m, "global_step/sec": rate})
