@@ -106,6 +106,7 @@ def validate_config(cfg: Any, *, training: bool) -> None:
 
     if cfg.dataset not in data.DATASETS:
         raise ValueError(f"Unknown dataset {cfg.dataset!r}; valid: {', '.join(data.DATASETS)}.")
+    data.check_available(cfg.dataset)
     if cfg.model_name not in model.MODELS:
         raise ValueError(f"Unknown model_name {cfg.model_name!r}; valid: "
                          f"{', '.join(model.MODELS)}.")

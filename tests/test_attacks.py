@@ -298,6 +298,7 @@ def test_square_fools_an_undefended_model(trained_digits, resnet):
     x, y = _data(trained_digits)
     clean = np.mean(losses.topk_correct(trained_digits.logits(trained_digits.variables, x),
                                         y, 1))
-    adv, ok = resnet("square_16_300")(x, y, jax.random.PRNGKey(0))
+    # 1,000 queries: on 16x16 digits 300 leave this model at ~70% (1,000: ~13%).
+    adv, ok = resnet("square_16_1000")(x, y, jax.random.PRNGKey(0))
     _assert_in_ball(adv, x, 16 * 2 / 255, (-1, 1))
-    assert np.mean(ok) <= clean - 0.4, (clean, np.mean(ok))
+    assert np.mean(ok) <= clean - 0.5, (clean, np.mean(ok))

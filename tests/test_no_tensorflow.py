@@ -29,6 +29,11 @@ adv = pgd.generate_adversarial_examples(lambda x: m.apply(v, x, train=False),
                                         jnp.asarray(b["images"]), jax.random.PRNGKey(1),
                                         "pgd_16_2_1")
 assert adv.shape == b["images"].shape
+try:
+    data.num_examples("tiny_imagenet", "train", "/nonexistent")
+    raise AssertionError("expected an error naming the missing TensorFlow")
+except ModuleNotFoundError as e:
+    assert "pip install -e '.[data]'" in str(e), e
 assert not any(k.startswith("tensorflow") for k in sys.modules)
 print("OK")
 """

@@ -30,22 +30,21 @@ def _check_dataset(name: str) -> None:
 
 
 def _tfrecord_datasets():
-    """The TFRecord/TFDS pipelines, or a clear error where this build lacks them."""
-    import importlib
-
+    """The TFRecord/TFDS pipelines, or a clear error when TensorFlow is not installed."""
     try:
-        tfrecord_datasets = importlib.import_module("alp_jax.data.tfrecord_datasets")
-    except ModuleNotFoundError as e:
-        if e.name != "alp_jax.data.tfrecord_datasets":
-            raise
-        raise NotImplementedError(
-            "The ImageNet / Tiny ImageNet input pipelines are not part of this build yet; "
-            "only --dataset=digits can be read.") from None
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError(
+            "The ImageNet / Tiny ImageNet input pipelines read TFRecords with TensorFlow, "
+            "which is not installed: pip install -e '.[data]' (only --dataset=digits works "
+            "without it).") from None
+    from alp_jax.data import tfrecord_datasets
+
     return tfrecord_datasets
 
 
 def check_available(dataset: str) -> None:
-    """Raises before anything is written if ``dataset`` cannot be read in this build."""
+    """Raises before anything is written if ``dataset`` cannot be read here."""
     _check_dataset(dataset)
     if dataset != "digits":
         _tfrecord_datasets()
