@@ -226,7 +226,7 @@ def _tfds_builder(data_dir: str) -> Any:
                 "imagenet_resized-{train,validation}.tfrecord-* files")
     if not builder.info.splits or not tf.io.gfile.exists(builder.data_dir):
         raise FileNotFoundError(f"No prepared TFDS {TFDS_NAME} in {data_dir}: expected {expected}. "
-                                "Prepare it once with tfds (see README, 'Datasets').")
+                                "Prepare it once with tfds (see README, 'Data').")
     config = getattr(builder.builder_config, "name", None)
     if builder.info.name != "imagenet_resized" or config != "64x64":
         raise ValueError(f"{builder.data_dir} holds TFDS {builder.info.name}/{config}, not "
