@@ -112,6 +112,10 @@ def validate_config(cfg: Any, *, training: bool) -> None:
                          f"{', '.join(model.MODELS)}.")
     if cfg.dataset_image_size < 8:
         raise ValueError(f"dataset_image_size must be >= 8, got {cfg.dataset_image_size}.")
+    from alp_jax.convolution import CONV_IMPLS
+
+    if cfg.get("conv_impl", "auto") not in CONV_IMPLS:
+        raise ValueError(f"conv_impl {cfg.conv_impl!r}; valid: {', '.join(CONV_IMPLS)}.")
     if cfg.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"compute_dtype {cfg.compute_dtype!r}: use float32 or bfloat16.")
     if cfg.dataset != "digits":

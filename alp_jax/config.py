@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # or bfloat16 (parameters stay float32)
     c.bn_group_size = 0  # 0: BatchNorm statistics over the global batch
     c.bn_decay = 0.997  # TF-slim's; short CPU demos use less so the statistics settle
+    # How convolutions lower (alp_jax.convolution): auto = im2col matmuls on CPU, where XLA's
+    # convolution kernels are several times slower, and lax.conv on GPU/TPU.
+    c.conv_impl = "auto"
     c.moving_average_decay = 0.9999  # <= 0 disables the moving average
     # Data.
     c.dataset = "digits"  # digits | imagenet | imagenet_tfds | tiny_imagenet

@@ -128,7 +128,7 @@ def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None,
             "--moving_average_decay=-1.")
     variables = checkpoints.load_variables(step_dir, use_ema=use_ema)
     model = create_model(cfg.model_name, cfg.num_classes, dtype=cfg.compute_dtype,
-                         bn_decay=cfg.bn_decay)
+                         bn_decay=cfg.bn_decay, conv_impl=cfg.get("conv_impl", "auto"))
     result = evaluate(model, variables, cfg, attack=cfg.adv_method,
                       num_examples=cfg.num_examples, split=cfg.split_name, seed=cfg.seed)
     base = os.path.basename(step_dir)

@@ -32,59 +32,22 @@ objective with this forward pass in its attack).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from alp_jax import objectives
+from alp_jax.convolution import (  # noqa: F401  (re-exported: the attack's convolutions)
+    CONV_IMPLS,
+    Padding,
+    conv2d,
+    im2col_conv,
+    kernel_exceeds_input,
+)
 from alp_jax.model import BN_EPSILON, ResNetV2
 from alp_jax.pgd import AttackSpec, generate_adversarial_examples
-
-Padding = str | Sequence[tuple[int, int]]
-CONV_IMPLS = ("auto", "xla", "im2col")
-_DN = ("NHWC", "HWIO", "NHWC")
-
-
-# ---- convolutions -------------------------------------------------------------------------
-
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-    """An NHWC/HWIO convolution as pad + k*k strided slices + one matmul."""
-    kh, kw, cin, cout = kernel.shape
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (stride, stride), padding) \
-        if isinstance(padding, str) else [tuple(p) for p in padding]
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    oh = (xp.shape[1] - kh) // stride + 1
-    ow = (xp.shape[2] - kw) // stride + 1
-    cols = [xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride, :]
-            for i in range(kh) for j in range(kw)]
-    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
-
-
-def kernel_exceeds_input(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
-    """True where XLA's CPU compiler would swap the convolution's operands (slow path)."""
-    return kernel_shape[0] > x_shape[1] or kernel_shape[1] > x_shape[2]
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "SAME",
-           impl: str = "auto") -> jax.Array:
-    """NHWC x HWIO convolution.
-
-    ``impl='im2col'``: always im2col + matmul; ``'xla'``: always
-    ``lax.conv_general_dilated``; ``'auto'``: im2col on the CPU backend (XLA's CPU matmuls
-    run the attack ~1.5x closer to peak than its convolution kernels, measured on ResNet-v2-50
-    at 64x64) and wherever the kernel exceeds the input, ``lax`` otherwise (GPU, TPU).
-    """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
-    if impl == "im2col" or (impl == "auto" and (jax.default_backend() == "cpu"
-                                                or kernel_exceeds_input(x.shape, kernel.shape))):
-        return im2col_conv(x, kernel, stride, padding)
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                        dimension_numbers=_DN)
-
 
 # ---- BatchNorm folding --------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alp_jax.convolution import CONV_IMPLS, conv2d
+
 Dtype = Any
 
 BN_DECAY = 0.997
@@ -113,6 +115,7 @@ class Conv(nn.Module):
     bn_group_size: int = 0
     bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"  # see alp_jax.convolution.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -125,9 +128,8 @@ class Conv(nn.Module):
             pad = [(pad_total // 2, pad_total - pad_total // 2)] * 2
         else:
             pad = "SAME"
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad,
+                   impl=self.conv_impl)
         if self.use_bias:
             bias = self.param("biases", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -135,6 +137,12 @@ class Conv(nn.Module):
             y = BatchNorm(self.bn_decay, group_size=self.bn_group_size, dtype=self.dtype,
                           name="BatchNorm")(y, train)
         return y
+
+
+def _check_conv_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+    return impl
 
 
 def _subsample(x: jax.Array, stride: int) -> jax.Array:
@@ -151,21 +159,23 @@ class BottleneckV2(nn.Module):
     bn_group_size: int = 0
     bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        g, d, dt = self.bn_group_size, self.bn_decay, self.dtype
+        g, d, dt, ci = self.bn_group_size, self.bn_decay, self.dtype, self.conv_impl
         preact = BatchNorm(d, group_size=g, dtype=dt, name="preact")(x, train)
         if x.shape[-1] == self.depth:
             shortcut = _subsample(x, self.stride)
         else:
             shortcut = Conv(self.depth, 1, self.stride, use_bias=True, dtype=dt,
-                            name="shortcut")(preact, train)
+                            conv_impl=ci, name="shortcut")(preact, train)
         r = Conv(self.depth_bottleneck, 1, 1, batch_norm=True, bn_group_size=g, bn_decay=d,
-                 dtype=dt, name="conv1")(preact, train)
+                 dtype=dt, conv_impl=ci, name="conv1")(preact, train)
         r = Conv(self.depth_bottleneck, 3, self.stride, batch_norm=True, conv2d_same=True,
-                 bn_group_size=g, bn_decay=d, dtype=dt, name="conv2")(r, train)
-        r = Conv(self.depth, 1, 1, use_bias=True, dtype=dt, name="conv3")(r, train)
+                 bn_group_size=g, bn_decay=d, dtype=dt, conv_impl=ci, name="conv2")(r, train)
+        r = Conv(self.depth, 1, 1, use_bias=True, dtype=dt, conv_impl=ci, name="conv3")(
+            r, train)
         return shortcut.astype(dt) + r
 
 
@@ -174,6 +184,7 @@ class _Block(nn.Module):
     bn_group_size: int
     bn_decay: float
     dtype: Dtype
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -181,7 +192,7 @@ class _Block(nn.Module):
         for i in range(s.num_units):
             stride = s.stride if i == s.num_units - 1 else 1  # stride on the LAST unit
             x = _Unit(s.base_depth * 4, s.base_depth, stride, self.bn_group_size,
-                      self.bn_decay, self.dtype, name=f"unit_{i + 1}")(x, train)
+                      self.bn_decay, self.dtype, self.conv_impl, name=f"unit_{i + 1}")(x, train)
         return x
 
 
@@ -192,11 +203,13 @@ class _Unit(nn.Module):
     bn_group_size: int
     bn_decay: float
     dtype: Dtype
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         return BottleneckV2(self.depth, self.depth_bottleneck, self.stride, self.bn_group_size,
-                            self.bn_decay, self.dtype, name="bottleneck_v2")(x, train)
+                            self.bn_decay, self.dtype, self.conv_impl,
+                            name="bottleneck_v2")(x, train)
 
 
 class _ResNetV2Body(nn.Module):
@@ -209,22 +222,24 @@ class _ResNetV2Body(nn.Module):
     bn_group_size: int
     bn_decay: float
     dtype: Dtype
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv(self.root_depth, self.root_kernel, self.root_stride, use_bias=True,
-                 conv2d_same=True, dtype=self.dtype, name="conv1")(x, train)
+                 conv2d_same=True, dtype=self.dtype, conv_impl=self.conv_impl,
+                 name="conv1")(x, train)
         if self.root_pool:
             # resnet_arg_scope makes slim.max_pool2d use SAME padding.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for i, spec in enumerate(self.blocks):
-            x = _Block(spec, self.bn_group_size, self.bn_decay, self.dtype,
+            x = _Block(spec, self.bn_group_size, self.bn_decay, self.dtype, self.conv_impl,
                        name=f"block{i + 1}")(x, train)
         x = BatchNorm(self.bn_decay, group_size=self.bn_group_size, dtype=self.dtype,
                       name="postnorm")(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-        x = Conv(self.num_classes, 1, 1, use_bias=True, dtype=jnp.float32, name="logits")(
-            x, train)
+        x = Conv(self.num_classes, 1, 1, use_bias=True, dtype=jnp.float32,
+                 conv_impl=self.conv_impl, name="logits")(x, train)
         return x[:, 0, 0, :]
 
 
@@ -240,6 +255,9 @@ class ResNetV2(nn.Module):
       bn_group_size: 0 for statistics over the whole (global) batch, N > 0 for
         statistics over groups of N consecutive examples.
       bn_decay: decay of the BatchNorm moving statistics (TF-slim: 0.997).
+      conv_impl: how convolutions lower (``alp_jax.convolution.conv2d``): ``xla``
+        (``lax.conv``), ``im2col`` (matmuls; faster on CPU) or ``auto`` (im2col on CPU
+        only). The parameters and, to float rounding, the results are the same.
     """
 
     num_classes: int
@@ -252,13 +270,14 @@ class ResNetV2(nn.Module):
     bn_group_size: int = 0
     bn_decay: float = BN_DECAY
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         return _ResNetV2Body(
             self.num_classes, tuple(self.blocks), self.root_depth, self.root_kernel,
             self.root_stride, self.root_pool, self.bn_group_size, self.bn_decay, self.dtype,
-            name=self.scope_name)(images, train)
+            self.conv_impl, name=self.scope_name)(images, train)
 
 
 def _standard(depth: int, units: Sequence[int]):
@@ -266,9 +285,11 @@ def _standard(depth: int, units: Sequence[int]):
                                                            (2, 2, 2, 1), strict=True))
 
     def build(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_size: int = 0,
-              bn_decay: float = BN_DECAY, scope: str | None = None) -> ResNetV2:
+              bn_decay: float = BN_DECAY, scope: str | None = None,
+              conv_impl: str = "xla") -> ResNetV2:
         return ResNetV2(num_classes, blocks, scope or f"resnet_v2_{depth}",
-                        bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype)
+                        bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype,
+                        conv_impl=_check_conv_impl(conv_impl))
 
     build.__name__ = f"resnet_v2_{depth}"
     build.__doc__ = f"TF-slim resnet_v2_{depth} (units {tuple(units)}) with logits."
@@ -282,7 +303,8 @@ resnet_v2_200 = _standard(200, (3, 24, 36, 3))
 
 
 def resnet_v2_small(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_size: int = 0,
-                    bn_decay: float = BN_DECAY, scope: str | None = None) -> ResNetV2:
+                    bn_decay: float = BN_DECAY, scope: str | None = None,
+                    conv_impl: str = "xla") -> ResNetV2:
     """A narrow ResNet-v2 for CPU demos and tests (~0.5M parameters).
 
     Same unit structure and naming as resnet_v2_50, one unit per block, base depths
@@ -293,7 +315,8 @@ def resnet_v2_small(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_si
               BlockSpec(128, 1, 1))
     return ResNetV2(num_classes, blocks, scope or "resnet_v2_small", root_depth=32,
                     root_kernel=3, root_stride=1, root_pool=False,
-                    bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype)
+                    bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype,
+                    conv_impl=_check_conv_impl(conv_impl))
 
 
 MODELS = {
@@ -306,11 +329,12 @@ MODELS = {
 
 
 def create_model(name: str, num_classes: int, *, dtype: Dtype | str = jnp.float32,
-                 bn_group_size: int = 0, bn_decay: float = BN_DECAY) -> ResNetV2:
+                 bn_group_size: int = 0, bn_decay: float = BN_DECAY,
+                 conv_impl: str = "xla") -> ResNetV2:
     """Builds a model by name (``resnet_v2_50``, ..., ``resnet_v2_small``)."""
     if name not in MODELS:
         raise ValueError(f"Unknown model_name {name!r}; valid names: {', '.join(MODELS)}.")
     if isinstance(dtype, str):
         dtype = jnp.dtype(dtype)
     return MODELS[name](num_classes, dtype=dtype, bn_group_size=bn_group_size,
-                        bn_decay=bn_decay)
+                        bn_decay=bn_decay, conv_impl=conv_impl)

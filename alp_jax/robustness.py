@@ -716,7 +716,8 @@ def run_robustness(cfg: RunConfig, *, log: Callable[[str], None] = print,
                 f"averages, but {step_dir!r} has none; pass --moving_average_decay=-1.")
         del raw
     variables = checkpoints.load_variables(step_dir, use_ema=use_ema)
-    model = create_model(st["model_name"], st["num_classes"], dtype=st["compute_dtype"])
+    model = create_model(st["model_name"], st["num_classes"], dtype=st["compute_dtype"],
+                         conv_impl="auto")
     logits_fn = ModelLogits(model)
     batch = st["batch_size"]
     if 0 < cfg.num_examples < batch:

@@ -53,7 +53,8 @@ def resolve_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def model_from_config(cfg: Any):
     return create_model(cfg.model_name, cfg.num_classes, dtype=cfg.compute_dtype,
-                        bn_group_size=cfg.bn_group_size, bn_decay=cfg.bn_decay)
+                        bn_group_size=cfg.bn_group_size, bn_decay=cfg.bn_decay,
+                        conv_impl=cfg.get("conv_impl", "auto"))
 
 
 def checkpoint_meta(cfg: Any, step: int) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def name_of(rec: dict[str, Any]) -> str:
     if "impl" in rec:
         return rec["impl"]
     bits = ["alp-jax"]
+    if rec.get("model_conv_impl", "xla") != "xla":
+        bits.append(f"{rec['model_conv_impl']}-convs")
     if rec.get("fast_attack"):
         bits.append("fast")
     if rec.get("xla_flags"):

@@ -13,7 +13,8 @@ What each figure is:
 - ``compile_s``: trace + lower + XLA compile of the jitted function.
 - ``flops``: XLA's ``cost_analysis()`` of the function lowered for the CPU (HLO before
   backend passes: on GPU, compiled convolutions become cuDNN calls it does not count),
-  always of the reference path (``model.apply``), whatever ``--fast_attack`` says. XLA
+  always of the reference path (``model.apply`` with ``lax`` convolutions), whatever
+  ``--fast_attack`` and ``--model_conv_impl`` say. XLA
   counts a loop body once, so for PGD attacks ``(NITER - 1) x`` the cost of one attack
   iteration lowered on its own is added.
   ``flops_analytic`` counts 2 x multiply-adds of every convolution and matmul in the
@@ -332,11 +333,14 @@ def count_flops(setup: Setup, part: str, config: BenchConfig, call_args: tuple[A
                 niter_extra: int) -> tuple[float, float, float]:
     """(XLA FLOPs of the function, of one attack iteration, analytic FLOPs of the function).
 
-    Always counts the reference implementation (objective ``alp``, ``model.apply``), so
-    that the figure is a property of the model and the attack, not of the code path
-    (``--fast_attack`` computes the same logits with a different mix of operations).
+    Always counts the reference implementation (objective ``alp``, ``model.apply`` with
+    ``lax`` convolutions), so that the figure is a property of the model and the attack, not
+    of the code path (``--fast_attack`` and im2col convolutions compute the same logits with
+    a different mix of operations; im2col's matmuls also multiply the padding zeros).
     """
     from alp_jax import pgd, steps
+
+    setup = dataclasses.replace(setup, model=setup.model.clone(conv_impl="xla"))
 
     key = (part, config.batch_size, config.train_adv_method)
     if key not in setup.flops_cache:
@@ -426,6 +430,7 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
         "lp_weight": args.lp_weight if part == "alp" else 0.0,
         "compute_dtype": args.compute_dtype,
         "fast_attack": bool(args.fast_attack) and part != "clean",
+        "model_conv_impl": args.model_conv_impl,
         "fold_bn": bool(args.fold_bn) if args.fast_attack and part != "clean" else None,
         "conv_impl": args.conv_impl if args.fast_attack and part != "clean" else None,
         "donate": bool(args.donate) and part != "attack",
@@ -463,8 +468,8 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
 # ---- the program --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def init_model(name: str, num_classes: int, image_size: int, dtype: str
-               ) -> tuple[Any, dict[str, Any]]:
+def init_model(name: str, num_classes: int, image_size: int, dtype: str,
+               conv_impl: str = "xla") -> tuple[Any, dict[str, Any]]:
     """(model, fresh variables), initialised once per process (XLA compiles the init)."""
     import jax
     import jax.numpy as jnp
@@ -472,7 +477,7 @@ def init_model(name: str, num_classes: int, image_size: int, dtype: str
     from alp_jax import train_state as ts
     from alp_jax.model import create_model
 
-    model = create_model(name, num_classes, dtype=jnp.dtype(dtype))
+    model = create_model(name, num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
     return model, ts.init_variables(model, jax.random.PRNGKey(0), image_size)
 
 
@@ -498,6 +503,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="with --fast_attack: fold BatchNorm into the convolutions")
     p.add_argument("--conv_impl", default="auto", help="with --fast_attack: auto|xla|im2col")
+    p.add_argument("--model_conv_impl", default="xla",
+                   help="the model's own convolutions (training pass and reference attack): "
+                        "xla (the straightforward step), im2col, or auto (im2col on CPU)")
     p.add_argument("--donate", action=argparse.BooleanOptionalAction, default=True,
                    help="donate the train state to the jitted step")
     p.add_argument("--memory_check", action=argparse.BooleanOptionalAction, default=False,
@@ -519,14 +527,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A human-readable table of the records."""
-    head = ("part", "batch", "attack", "dtype", "fast", "img/s", "step ms", "compile s",
+    head = ("part", "batch", "attack", "dtype", "fast", "convs", "img/s", "step ms", "compile s",
             "GFLOP/img", "GFLOP/s", "% peak", "xla MiB", "rss MiB")
     rows = [head]
     for r in records:
         share = r["share_of_peak"]
         rows.append((
             r["part"], str(r["batch"]), r["attack"], r["compute_dtype"],
-            "yes" if r["fast_attack"] else "no",
+            "yes" if r["fast_attack"] else "no", r.get("model_conv_impl", "xla"),
             f"{r['images_per_s']:.2f}", f"{1e3 * r['step_time_s_median']:.0f}",
             f"{r['compile_s']:.1f}", f"{r['flops_per_image'] / 1e9:.2f}",
             f"{r['achieved_flops_per_s'] / 1e9:.1f}",
@@ -552,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args.peak_size = args.peak_size or (2048 if on_cpu else 8192)
     args.peak = matmul_peak(args.peak_size, args.peak_dtype)
     model, variables = init_model(args.model, args.num_classes, args.image_size,
-                                  args.compute_dtype)
+                                  args.compute_dtype, args.model_conv_impl)
     setup = Setup(args, model, variables)
     records = []
     out = open(args.json, "a") if args.json else None  # noqa: SIM115

@@ -43,7 +43,7 @@ FIELDS = {
     "load_average", "images_per_s", "step_time_s_median", "compile_s", "flops_per_step",
     "flops_per_image", "flops_method", "flops_analytic_per_image", "achieved_flops_per_s",
     "matmul_peak_flops_per_s", "share_of_peak", "device_peak_bytes", "xla_bytes",
-    "process_peak_rss_bytes",
+    "process_peak_rss_bytes", "model_conv_impl",
 }
 
 

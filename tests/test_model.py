@@ -141,6 +141,39 @@ def test_create_model_by_name():
         create_model("resnet_v2_51", 10)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "auto"])
+def test_conv_impl_changes_lowering_not_parameters_or_results(small_variables, impl):
+    """im2col convolutions (the CPU default of the programs) train the same model."""
+    ref, other = helpers.small_model(), helpers.small_model(conv_impl=impl)
+    x = jnp.asarray(helpers.digits_split("validation")[0][:8])
+    init = jax.eval_shape(lambda k: other.init(k, x, train=False), jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(small_variables)
+    for train in (False, True):
+        def run(model, v, train=train):
+            if train:
+                return model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+            return model.apply(v, x, train=False)
+
+        np.testing.assert_allclose(jax.jit(lambda v, m=other: run(m, v))(small_variables),
+                                   jax.jit(lambda v, m=ref: run(m, v))(small_variables),
+                                   rtol=1e-4, atol=1e-5)
+
+    def grads(model):
+        def loss(p):
+            v = {"params": p, "batch_stats": small_variables["batch_stats"]}
+            logits = model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+            return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+        return jax.jit(jax.grad(loss))(small_variables["params"])
+
+    g_ref, g_other = grads(ref), grads(other)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g_ref))
+    for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_other),
+                    strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale
+    with pytest.raises(ValueError, match="conv_impl 'cudnn'.*auto, xla, im2col"):
+        create_model("resnet_v2_small", 10, conv_impl="cudnn")
+
+
 # ---- BatchNorm --------------------------------------------------------------------------
 
 def test_batchnorm_constants():
