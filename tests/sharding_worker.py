@@ -28,7 +28,7 @@ def main() -> None:
     cfg.train_adv_method = "pgdll_16_4_2"
     cfg.train_lp_weight = 0.5
     cfg.learning_rate = 0.02
-    model = create_model(cfg.model_name, 10)
+    model = create_model(cfg.model_name, 10, conv_impl="im2col")  # the CPU default
     tx, _ = ts.optimizer_from_config(cfg, cfg.examples_per_epoch)
     it = data.train_iterator("digits", None, 8, 16)
     batches = [next(it) for _ in range(3)]
