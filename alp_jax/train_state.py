@@ -256,7 +256,11 @@ def init_variables(model: Any, rng: jax.Array, image_size: int) -> dict[str, Any
 def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
                        image_size: int, *, moving_average_decay: float = 0.9999,
                        variables: dict[str, Any] | None = None) -> TrainState:
-    """A fresh state; ``variables`` (e.g. loaded for fine-tuning) replace the random init."""
+    """A fresh state; ``variables`` (e.g. loaded for fine-tuning) replace the random init.
+
+    The state holds the arrays of ``variables`` themselves (no copy), so a step jitted with
+    ``donate_argnums=0`` frees them: copy ``variables`` first to reuse them.
+    """
     init_rng, state_rng = jax.random.split(rng)
     if variables is None:
         variables = init_variables(model, init_rng, image_size)
