@@ -64,6 +64,14 @@ def pgd_craft(model: Any, variables: dict[str, Any], images: jax.Array, labels: 
         labels=labels)
 
 
+def pass_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float,
+                       mixed: bool) -> jax.Array:
+    """Smoothed cross-entropy over every logit of the training pass (labels duplicated for
+    the interleaved mixed minibatch)."""
+    both = jnp.repeat(labels, 2) if mixed else labels
+    return losses.smoothed_cross_entropy(logits, both, label_smoothing)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     craft: Callable[..., jax.Array | None]
@@ -76,13 +84,11 @@ def alp_objective(label_smoothing: float, lp_weight: float, mixed: bool) -> Obje
 
     def loss(logits, labels, key):
         del key
+        xent = pass_cross_entropy(logits, labels, label_smoothing, mixed)
         if not mixed:
-            return {"loss_xent": losses.smoothed_cross_entropy(logits, labels, label_smoothing),
-                    "loss_lp": jnp.zeros((), jnp.float32)}
+            return {"loss_xent": xent, "loss_lp": jnp.zeros((), jnp.float32)}
         clean, adv = split_mixed(logits)
-        both = jnp.repeat(labels, 2)
-        return {"loss_xent": losses.smoothed_cross_entropy(logits, both, label_smoothing),
-                "loss_lp": losses.logit_pairing_loss(clean, adv, lp_weight)}
+        return {"loss_xent": xent, "loss_lp": losses.logit_pairing_loss(clean, adv, lp_weight)}
 
     return Objective(pgd_craft, loss)
 
@@ -95,8 +101,7 @@ def clp_objective(label_smoothing: float, weight: float, mixed: bool) -> Objecti
     def loss(logits, labels, key):
         del key
         clean = split_mixed(logits)[0] if mixed else logits
-        both = jnp.repeat(labels, 2) if mixed else labels
-        return {"loss_xent": losses.smoothed_cross_entropy(logits, both, label_smoothing),
+        return {"loss_xent": pass_cross_entropy(logits, labels, label_smoothing, mixed),
                 "loss_clp": losses.clean_logit_pairing_loss(clean, weight)}
 
     return Objective(pgd_craft, loss)
@@ -108,8 +113,7 @@ def lsq_objective(label_smoothing: float, weight: float, mixed: bool) -> Objecti
 
     def loss(logits, labels, key):
         del key
-        both = jnp.repeat(labels, 2) if mixed else labels
-        return {"loss_xent": losses.smoothed_cross_entropy(logits, both, label_smoothing),
+        return {"loss_xent": pass_cross_entropy(logits, labels, label_smoothing, mixed),
                 "loss_lsq": losses.logit_squeezing_loss(logits, weight)}
 
     return Objective(pgd_craft, loss)
