@@ -51,10 +51,20 @@ def weight_decay_loss(params: Any, weight: float, mask: Any | None = None) -> ja
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
-    """Per-example bool: label among the top-k logits (ties count in favour, as tf.nn.in_top_k)."""
+    """Per-example bool: the label is among the top-k logits.
+
+    Ties break towards the lower class index, as the original's metrics do
+    (``tf.argmax`` for top-1, ``tf.nn.top_k`` inside ``recall_at_k``), so a model whose
+    logits are all equal scores the share of class 0, not 100%. A row with any non-finite
+    logit counts as wrong: NaN compares false with everything and would otherwise score as
+    correct.
+    """
     logits = logits.astype(jnp.float32)
-    label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
-    return jnp.sum(logits > label_logit, axis=-1) < k
+    labels = labels.astype(jnp.int32)
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    lower = jnp.arange(logits.shape[-1])[None, :] < labels[:, None]
+    rank = jnp.sum((logits > label_logit) | ((logits == label_logit) & lower), axis=-1)
+    return (rank < k) & jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:

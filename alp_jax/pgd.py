@@ -113,9 +113,12 @@ def parse_attack(spec: str | AttackSpec) -> AttackSpec:
 def _parse_pgd(spec: str, fields: list[str]) -> AttackSpec:
     if len(fields) != 3:
         raise _spec_error(spec, "expected NAME_EPS_STEP_NITER")
-    eps = parse_int(spec, fields[0], "EPS", 1, 255)
-    step = parse_int(spec, fields[1], "STEP", 1, 255)
-    niter = parse_int(spec, fields[2], "NITER", 1)
+    # The original takes any integers; 0 is meaningful here: EPS 0 runs the clean images
+    # through the attack path (a sanity check), NITER 0 is the random start alone (uniform
+    # noise in the ball).
+    eps = parse_int(spec, fields[0], "EPS", 0, 255)
+    step = parse_int(spec, fields[1], "STEP", 0, 255)
+    niter = parse_int(spec, fields[2], "NITER", 0)
     return AttackSpec(spec.split("_")[0], eps, step, niter, spec=spec)
 
 

@@ -61,6 +61,9 @@ def with_eps(spec: str | AttackSpec, eps: int) -> AttackSpec:
         raise ValueError(f"eps must be an integer in 1..255 (the 0..255 scale), got {eps!r}.")
     if eps == spec.eps:
         return spec
+    if spec.eps == 0:
+        raise ValueError(f"Attack {spec.spec!r} has EPS 0: it gives no STEP/EPS ratio to "
+                         f"rescale to eps {eps}; give the template at a positive EPS.")
     fields = spec.spec.split("_")
     fields[1] = str(int(eps))
     if spec.method in _STEP_METHODS:

@@ -158,10 +158,13 @@ def test_losses():
     y = jnp.asarray([0, 0])
     m = common.margin(z, y)
     np.testing.assert_allclose(m, [-2.0, 2.0])
-    # margin > 0 exactly when top-1 counts the example wrong (ties count as correct).
+    # margin > 0 means the example is scored wrong; at an exact tie (margin 0) the scoring
+    # breaks towards the lower class index, as tf.argmax does.
     tie = jnp.asarray([[1.0, 1.0, 0.0]])
     assert float(common.margin(tie, jnp.asarray([0]))[0]) == 0.0
+    assert float(common.margin(tie, jnp.asarray([1]))[0]) == 0.0
     assert bool(losses.topk_correct(tie, jnp.asarray([0]), 1)[0])
+    assert not bool(losses.topk_correct(tie, jnp.asarray([1]), 1)[0])
     # DLR: the margin over (z_pi1 - z_pi3); invariant to shifting and scaling the logits.
     np.testing.assert_allclose(apgd.dlr_loss(z, y), [-2.0 / 2.5, 2.0 / 1.5], rtol=1e-6)
     np.testing.assert_allclose(apgd.dlr_loss(3 * z + 7, y), apgd.dlr_loss(z, y), rtol=1e-5)

@@ -117,6 +117,21 @@ def test_clean_spec_returns_the_images():
     assert pgd.parse_attack("clean").is_clean
 
 
+def test_zero_eps_and_zero_niter_as_in_the_original():
+    # The original's spec parser takes any integers: EPS 0 is the clean images through the
+    # attack path, NITER 0 the random start alone.
+    x = jnp.asarray(digits.load_split("validation", 8)[0][:16])
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(
+        pgd.generate_adversarial_examples(_mlp(), x, key, "pgd_0_2_10"), x)
+    noise = pgd.generate_adversarial_examples(_mlp(), x, key, "pgd_16_2_0")
+    eps = 16 * 2 / 255
+    assert np.max(np.abs(noise - x)) <= eps * (1 + 1e-5) and np.all(np.abs(noise) <= 1)
+    assert np.mean(np.abs(noise - x) > eps / 2) > 0.1  # uniform noise, not the clean images
+    np.testing.assert_array_equal(
+        pgd.generate_adversarial_examples(_mlp(), x, key, "pgd_16_2_0", random_start=False), x)
+
+
 # ---- the trained ResNet -----------------------------------------------------------------
 
 def test_untargeted_pgd_drops_accuracy(trained_digits, resnet):
@@ -242,7 +257,7 @@ def test_parse_attack():
 
 
 @pytest.mark.parametrize("spec", ["pgd_16_2", "pgd_a_2_3", "foo_1_1_1", "pgd_300_1_1",
-                                  "pgd_0_1_1", "pgd_16_2_0", "pgd_16_-2_3", "pgdll_16_2_10_1",
+                                  "pgd_16_256_1", "pgd_16_2_x", "pgd_16_-2_3", "pgdll_16_2_10_1",
                                   "", "PGD_16_2_10", "pgd_\u00b2_2_3", "pgd_\u0663_2_3"])
 def test_spec_errors(spec):
     with pytest.raises(ValueError) as e:
@@ -260,8 +275,7 @@ def test_spec_errors_say_what_is_wrong():
         return str(e.value)
 
     assert "EPS" in msg("pgd_a_2_3") and "'a'" in msg("pgd_a_2_3")
-    assert "1..255" in msg("pgd_300_1_1") and "300" in msg("pgd_300_1_1")
-    assert "1..255" in msg("pgd_0_1_1")
+    assert "0..255" in msg("pgd_300_1_1") and "300" in msg("pgd_300_1_1")
     assert "'foo'" in msg("foo_1_1_1")
     assert "NAME_EPS_STEP_NITER" in msg("pgd_16_2")
-    assert "NITER" in msg("pgd_16_2_0")
+    assert "NITER" in msg("pgd_16_2_x")

@@ -38,6 +38,8 @@ def test_with_eps():
             rb.with_eps("pgd_16_2_10", bad)
     with pytest.raises(ValueError, match="'pgd_16_2'"):
         rb.with_eps("pgd_16_2", 8)
+    with pytest.raises(ValueError, match="'pgd_0_2_10' has EPS 0"):
+        rb.with_eps("pgd_0_2_10", 8)
 
 
 def test_default_probes():

@@ -274,13 +274,29 @@ def test_topk_correct_with_ties():
                        [3.0, 2.0, 2.0, 1.0],
                        [3.0, 2.0, 2.0, 1.0],
                        [3.0, 2.0, 2.0, 1.0],
-                       [0.0, 0.0, 0.0, 0.0]], np.float32)
-    labels = np.array([1, 2, 3, 0, 3])
-    # Ties count in the label's favour (tf.nn.in_top_k): only strictly larger logits count.
+                       [0.0, 0.0, 0.0, 0.0],
+                       [np.nan, 0.0, 0.0, 0.0],
+                       [np.nan] * 4,
+                       [0.0, np.inf, 0.0, 0.0]], np.float32)
+    labels = np.array([1, 2, 3, 0, 3, 1, 0, 1])
+    # Ties break towards the lower class index (tf.argmax, tf.nn.top_k); a row with a
+    # non-finite logit is never correct (NaN used to compare its way to 100%).
+    expected = {1: [False, False, False, True, False, False, False, False],
+                2: [True, False, False, True, False, False, False, False],
+                3: [True, True, False, True, False, False, False, False],
+                4: [True, True, True, True, True, False, False, False]}
+    for k, want in expected.items():
+        np.testing.assert_array_equal(losses.topk_correct(logits, labels, k), want,
+                                      err_msg=f"k={k}")
+
+
+def test_topk_correct_matches_stable_top_k():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 4, (200, 10)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 10, 200)
+    order = np.argsort(-logits, axis=-1, kind="stable")  # ties: lower index first
+    for k in (1, 5):
+        want = [labels[i] in order[i, :k] for i in range(200)]
+        np.testing.assert_array_equal(losses.topk_correct(logits, labels, k), want)
     np.testing.assert_array_equal(losses.topk_correct(logits, labels, 1),
-                                  [True, False, False, True, True])
-    np.testing.assert_array_equal(losses.topk_correct(logits, labels, 2),
-                                  [True, True, False, True, True])
-    np.testing.assert_array_equal(losses.topk_correct(logits, labels, 3),
-                                  [True, True, False, True, True])
-    np.testing.assert_array_equal(losses.topk_correct(logits, labels, 4), [True] * 5)
+                                  np.argmax(logits, -1) == labels)

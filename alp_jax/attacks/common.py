@@ -1,9 +1,11 @@
 """Parts the extra attack families share: spec suffixes, reference labels, margins, and
 the worst case over several runs (restarts, target classes).
 
-Success everywhere means what the evaluation counts as an error: some other logit is
-strictly larger than the reference label's (``losses.topk_correct`` counts ties as
-correct), i.e. ``margin > 0``.
+Success inside the attacks means ``margin > 0``: some other logit is strictly larger
+than the reference label's. The scoring (``losses.topk_correct``) also counts an exact tie
+with a lower class index, and any non-finite logit, as an error; the accuracy reported is
+always that scoring of the examples an attack returns, so an exact tie can make an attack's
+bookkeeping more cautious, never its reported result better for the model.
 """
 
 from __future__ import annotations
