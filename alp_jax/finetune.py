@@ -16,10 +16,13 @@ def finetune_variables(fresh: dict[str, Any], checkpoint_path: str, *,
                        use_ema: bool = False) -> dict[str, Any]:
     """``fresh`` variables with every variable outside ``exclude_scopes`` loaded.
 
-    Excluded variables keep their fresh initialisation. The moving averages are loaded
-    when ``use_ema`` and the checkpoint has them (else the raw values, with a warning).
-    A scope that matches no variable, a variable the checkpoint lacks, or a shape that
-    differs raises a ValueError naming them.
+    Excluded variables keep their fresh initialisation. With ``use_ema`` (and moving
+    averages in the checkpoint; else the raw values, with a warning) the original's rule
+    applies (``_get_finetuning_init_fn``): the parameters that train in the new run (under
+    ``trainable_scopes``, or all when none are given) take their moving averages; frozen
+    parameters and the BatchNorm statistics, which are never trainable, take their raw
+    values. A scope that matches no variable, a variable the checkpoint lacks, or a shape
+    that differs raises a ValueError naming them.
     """
     names = slim_names.slim_names(fresh)
     exclude = slim_names.parse_scopes(exclude_scopes)
@@ -31,8 +34,14 @@ def finetune_variables(fresh: dict[str, Any], checkpoint_path: str, *,
         logging.warning("Checkpoint %s has no moving averages; loading its raw values.",
                         step_dir)
         use_ema = False
-    loaded = checkpoints.load_variables(step_dir, use_ema=use_ema)
-    named = slim_names.variables_to_slim(loaded)
+    named = slim_names.variables_to_slim(checkpoints.load_variables(step_dir))
+    if use_ema:
+        averaged = slim_names.variables_to_slim(checkpoints.load_variables(step_dir,
+                                                                           use_ema=True))
+        trainable = slim_names.parse_scopes(trainable_scopes)
+        for name in slim_names.slim_names({"params": fresh["params"]}):
+            if name in averaged and (not trainable or slim_names.in_scopes(name, trainable)):
+                named[name] = averaged[name]
     fresh_named = slim_names.variables_to_slim(fresh)
     wanted = [n for n in names if not slim_names.in_scopes(n, exclude)]
     missing = [n for n in wanted if n not in named]

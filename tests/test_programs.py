@@ -191,6 +191,36 @@ def test_finetune_exclude_and_trainable_scopes(tmp_path):
     finetune.finetune_variables(fresh7, pre, exclude_scopes="resnet_v2_small/logits")
 
 
+def test_finetune_reads_averages_only_for_trainable_parameters(tmp_path):
+    # The original's _get_finetuning_init_fn: moving averages for the variables that train
+    # in the new run, raw values for frozen ones and for the BatchNorm statistics.
+    pre = str(tmp_path / "pre")
+    train_lib.train(tiny_config(pre, max_steps=3, moving_average_decay=0.9))
+    raw_tree, _, _ = checkpoints.load_raw(pre)
+    raw = slim_names.variables_to_slim({"params": raw_tree["params"],
+                                        "batch_stats": raw_tree["batch_stats"]})
+    ema = slim_names.variables_to_slim({"params": raw_tree["ema_params"],
+                                        "batch_stats": raw_tree["ema_batch_stats"]})
+    model = train_lib.model_from_config(tiny_config(""))
+    fresh = jax.device_get(ts.init_variables(model, jax.random.PRNGKey(0), 8))
+    param_names = set(slim_names.slim_names({"params": fresh["params"]}))
+    trainable = ("resnet_v2_small/logits/", "resnet_v2_small/postnorm/")
+    loaded = slim_names.variables_to_slim(finetune.finetune_variables(
+        fresh, pre, trainable_scopes="resnet_v2_small/logits,resnet_v2_small/postnorm",
+        use_ema=True))
+    for name, value in loaded.items():
+        want = ema if name in param_names and name.startswith(trainable) else raw
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+    assert not np.array_equal(ema["resnet_v2_small/logits/weights"],
+                              raw["resnet_v2_small/logits/weights"])  # the test can tell
+    # No trainable scopes: every parameter trains, so every parameter is averaged.
+    everything = slim_names.variables_to_slim(finetune.finetune_variables(
+        fresh, pre, use_ema=True))
+    for name, value in everything.items():
+        np.testing.assert_array_equal(value, (ema if name in param_names else raw)[name],
+                                      err_msg=name)
+
+
 def test_continuous_eval_picks_up_new_checkpoints(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
