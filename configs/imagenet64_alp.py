@@ -3,8 +3,11 @@
     python -m alp_jax.train --config=configs/imagenet64_alp.py \
       --output_dir=/tmp/adv_train --imagenet_data_dir=$IMAGENET_DIR
 
-Mixed minibatches of clean and pgdll_16_2_10 examples, logit-pairing weight 0.5;
-everything else as imagenet64_baseline.
+Mixed minibatches of clean and pgdll_16_2_10 examples, logit-pairing weight 0.5 (the
+weight the original README's command uses); everything else as imagenet64_baseline.
+The released ImageNet ALP checkpoint is named ``imagenet64_alp025``, which suggests it was
+trained with weight 0.25: to aim at its row of the results table, add
+``--config.train_lp_weight=0.25``.
 """
 
 import os
