@@ -137,6 +137,12 @@ def _load_raw(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 def load_variables(path: str, *, use_ema: bool = False) -> dict[str, Any]:
     """Model variables from a checkpoint, the moving averages when ``use_ema`` and present."""
     tree, _, step_dir = load_raw(path)
+    return variables_from_tree(tree, step_dir, use_ema=use_ema)
+
+
+def variables_from_tree(tree: dict[str, Any], step_dir: str, *,
+                        use_ema: bool = False) -> dict[str, Any]:
+    """The model variables of a ``load_raw`` tree (the averages when ``use_ema`` and present)."""
     if use_ema and tree.get("ema_params") is not None:
         return {"params": tree["ema_params"], "batch_stats": tree.get("ema_batch_stats", {})}
     if "params" not in tree:

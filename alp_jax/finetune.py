@@ -34,10 +34,10 @@ def finetune_variables(fresh: dict[str, Any], checkpoint_path: str, *,
         logging.warning("Checkpoint %s has no moving averages; loading its raw values.",
                         step_dir)
         use_ema = False
-    named = slim_names.variables_to_slim(checkpoints.load_variables(step_dir))
+    named = slim_names.variables_to_slim(checkpoints.variables_from_tree(raw, step_dir))
     if use_ema:
-        averaged = slim_names.variables_to_slim(checkpoints.load_variables(step_dir,
-                                                                           use_ema=True))
+        averaged = slim_names.variables_to_slim(
+            checkpoints.variables_from_tree(raw, step_dir, use_ema=True))
         trainable = slim_names.parse_scopes(trainable_scopes)
         for name in slim_names.slim_names({"params": fresh["params"]}):
             if name in averaged and (not trainable or slim_names.in_scopes(name, trainable)):

@@ -176,3 +176,19 @@ def tree_allclose(a: Any, b: Any, **kwargs: Any) -> bool:
     return all(np.allclose(np.asarray(x), np.asarray(y), **kwargs)
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
                                strict=True))
+
+
+def import_blocker(*packages: str) -> str:
+    """Python source that makes importing any of ``packages`` (or their submodules) fail,
+    to put in front of a ``python -c`` script: the machine-without-X case, for real."""
+    return f"""
+import importlib.abc, sys
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {tuple(packages)!r}:
+            raise ImportError(f"blocked: {{name}}")
+        return None
+
+sys.meta_path.insert(0, _Block())
+"""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,17 +51,9 @@ FIELDS = {
 # The GPU machine has jax, flax, optax (and absl, which they import) but neither TensorFlow
 # nor ml_collections: the benchmark must run there as shipped, so the end-to-end run
 # blocks both (and torch, which only the peers use).
-BLOCKED_RUN = r"""
-import importlib.abc, runpy, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "ml_collections",
-                                  "torch"):
-            raise ImportError(f"blocked: {name}")
-        return None
-
-sys.meta_path.insert(0, Block())
+BLOCKED_RUN = helpers.import_blocker("tensorflow", "tensorflow_datasets", "ml_collections",
+                                     "torch") + """
+import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -6,18 +6,11 @@ import os
 import subprocess
 import sys
 
+import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r"""
-import importlib.abc, sys
-
-class BlockTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_datasets")):
-            raise ImportError(f"blocked: {name}")
-        return None
-
-sys.meta_path.insert(0, BlockTensorFlow())
+SCRIPT = helpers.import_blocker("tensorflow", "tensorflow_datasets") + r"""
 import jax, jax.numpy as jnp
 import alp_jax
 from alp_jax import (checkpoints, config, data, eval, losses, model, objectives, pgd,
