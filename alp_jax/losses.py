@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -57,14 +58,33 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
     (``tf.argmax`` for top-1, ``tf.nn.top_k`` inside ``recall_at_k``), so a model whose
     logits are all equal scores the share of class 0, not 100%. A row with any non-finite
     logit counts as wrong: NaN compares false with everything and would otherwise score as
-    correct.
+    correct. So does a label outside ``[0, num_classes)``: its lookup gives NaN (or wraps,
+    for a negative one), and nothing can raise inside jit; ``check_labels`` is the host-side
+    error for the same mistake.
     """
     logits = logits.astype(jnp.float32)
     labels = labels.astype(jnp.int32)
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    lower = jnp.arange(logits.shape[-1])[None, :] < labels[:, None]
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe = jnp.where(in_range, labels, 0)
+    label_logit = jnp.take_along_axis(logits, safe[:, None], axis=-1)
+    lower = jnp.arange(logits.shape[-1])[None, :] < safe[:, None]
     rank = jnp.sum((logits > label_logit) | ((logits == label_logit) & lower), axis=-1)
-    return (rank < k) & jnp.all(jnp.isfinite(logits), axis=-1)
+    return (rank < k) & in_range & jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+def check_labels(labels: Any, num_classes: int, *, what: str = "labels") -> None:
+    """Raises ValueError naming the first label outside ``[0, num_classes)`` (host, NumPy).
+
+    A model with fewer classes than the data would otherwise train on, and score, labels it
+    has no logit for.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{what}: label {labels[i]} at index {i} is outside [0, {num_classes}): the model "
+            f"has {num_classes} classes (does --config.num_classes match the data set?)")
 
 
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
