@@ -74,12 +74,29 @@ def default_config() -> ml_collections.ConfigDict:
     c.finetune_checkpoint_path = ""
     c.finetune_exclude_pretrained_scopes = ""
     c.finetune_trainable_scopes = ""
+    # Run safety (alp_jax.run_dir, alp_jax.train): stop when the loss exceeds max_loss
+    # (0: no ceiling, the default; NaN and infinity always stop), and refuse to resume a
+    # run whose recorded config differs unless allow_resume_changes.
+    c.max_loss = 0.0
+    c.allow_resume_changes = False
     # Evaluation.
     c.eval_name = "default"
     c.adv_method = "clean"
     c.split_name = "validation"
     c.num_examples = -1
     c.eval_interval_secs = 120
+    # ---- Evaluation engine and robustness (alp_jax.engine, alp_jax.robustness; issue 16) ----
+    # Attack randomness is keyed per example: fold_in(PRNGKey(attack_seed), spec, index).
+    c.attack_seed = 0
+    # alp_jax.eval drops the last partial batch as the original did; False pads and masks
+    # it so every example counts (alp_jax.robustness always counts every example).
+    c.eval_drop_remainder = True
+    c.robustness_attacks = ("pgdll_16_2_10,pgdtrue_16_2_20_r5,apgdce_16_100,apgddlr_16_100,"
+                            "square_16_1000")  # comma-separated specs, each run at every eps
+    c.robustness_eps = "2,4,8,16"  # comma-separated integers on the 0..255 scale
+    c.robustness_large_eps_attack = "apgdce_128_50"  # masking check: must fool ~everything
+    c.robustness_num_images = 8  # examples shown in adversarial_examples.png
+    # ---- end of the evaluation block ----
     return c
 
 
