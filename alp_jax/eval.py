@@ -7,7 +7,10 @@ moving averages when ``--moving_average_decay`` > 0. Summaries go to
 ``train_dir/eval_name``; ``--output_file`` appends ``eval_name,top1,top5``.
 
 When the checkpoint was written by ``alp_jax.train`` its recorded config supplies the
-model, dataset and image size; flags given on the command line override it.
+model, dataset and image size; flags given on the command line override it. The numbers
+come from the evaluation engine (``alp_jax.engine``): sharded over all devices and
+processes, attack randomness per example (``attack_seed``); the last partial batch is
+dropped as in the original (``eval_drop_remainder=False`` counts every example).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from alp_jax import checkpoints, cli, data, sharding, steps, summaries
+from alp_jax import checkpoints, cli, data, engine, sharding, summaries
+from alp_jax.attacks import grammar
 from alp_jax.model import create_model
 
 FLAGS = flags.FLAGS
@@ -30,64 +33,78 @@ DONE_FILE = "TRAINING_DONE.json"
 
 
 def evaluate(model: Any, variables: dict[str, Any], cfg: Any, *, attack: str = "clean",
-             num_examples: int = -1, split: str = "validation", seed: int = 0,
-             mesh: Any | None = None, progress: bool = True) -> dict[str, float]:
-    """Top-1 / top-5 of ``variables`` on ``cfg.dataset`` under ``attack``.
+             num_examples: int = -1, split: str = "validation", seed: int | None = None,
+             mesh: Any | None = None, progress: bool = True,
+             drop_remainder: bool | None = None) -> dict[str, float]:
+    """Top-1 / top-5 of ``variables`` on ``cfg.dataset`` under ``attack`` (one spec).
 
-    The eval batch is padded up to a multiple of the device count (padding rows do not
-    count), and the last partial batch of the split is dropped, as in the original.
+    Runs on the evaluation engine (``alp_jax.engine``): sharded over every device, attack
+    keys per example (``seed``, default ``cfg.attack_seed``). With ``drop_remainder``
+    (default ``cfg.eval_drop_remainder``, True) the last partial batch of the split is
+    dropped, as in the original; False pads and masks it so that every example counts.
     """
+    return evaluate_specs(model, variables, cfg, [attack], num_examples=num_examples,
+                          split=split, seed=seed, mesh=mesh, progress=progress,
+                          drop_remainder=drop_remainder)[attack]
+
+
+def evaluate_specs(model: Any, variables: dict[str, Any], cfg: Any, attacks: list[str], *,
+                   num_examples: int = -1, split: str = "validation", seed: int | None = None,
+                   mesh: Any | None = None, progress: bool = True,
+                   drop_remainder: bool | None = None) -> dict[str, dict[str, float]]:
+    """``{attack: {'top1', 'top5', 'count'}}`` for several specs in one pass over the data
+    (the clean pass is shared); see ``evaluate``."""
     mesh = mesh or sharding.make_mesh()
-    n_dev = mesh.shape[sharding.DATA]
     batch = cfg.eval_batch_size
     if batch % jax.process_count():
         raise ValueError(f"eval_batch_size {batch} does not divide by the "
                          f"{jax.process_count()} processes.")
-    padded = -(-batch // n_dev) * n_dev
-    local, local_padded = batch // jax.process_count(), padded // jax.process_count()
-    var_sh = sharding.state_sharding(variables, mesh)
-    variables = sharding.put_replicated(variables, var_sh)
-    step = sharding.jit_eval_step(
-        steps.make_eval_step(model, attack, tuple(cfg.bounds)), var_sh, mesh)
-    it = data.eval_iterator(cfg.dataset, cli.data_dir(cfg), cfg.dataset_image_size, local,
-                            split=split, num_examples=num_examples,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
-    total = data.num_examples(cfg.dataset, split, cli.data_dir(cfg)) if num_examples < 0 \
-        else num_examples
-    sums = {"top1": 0, "top5": 0, "count": 0}
-    t0, last_report = time.time(), 0.0
-    base_key = jax.random.PRNGKey(seed)
-    for i, b in enumerate(it):
-        pad = local_padded - local
-        mask = np.concatenate([np.ones(local, bool), np.zeros(pad, bool)])
-        images = np.concatenate([b["images"], np.zeros((pad,) + b["images"].shape[1:],
-                                                       b["images"].dtype)])
-        labels = np.concatenate([b["labels"], np.zeros(pad, b["labels"].dtype)])
-        g = sharding.global_batch({"images": images, "labels": labels, "mask": mask}, mesh)
-        out = step(variables, g["images"], g["labels"], jax.random.fold_in(base_key, i),
-                   g["mask"])
-        for k, v in jax.device_get(out).items():
-            sums[k] += int(v)
-        if progress and (time.time() - last_report > 10 or sums["count"] >= total):
-            last_report = time.time()
-            rate = sums["count"] / max(last_report - t0, 1e-9)
-            logging.info("[%s] %d/%d examples | top-1 %.4f | %.1f examples/s", attack,
-                         sums["count"], total, sums["top1"] / max(sums["count"], 1), rate)
-    if sums["count"] == 0:
+    drop = cfg.get("eval_drop_remainder", True) if drop_remainder is None else drop_remainder
+    seed = cfg.get("attack_seed", 0) if seed is None else seed
+    batches, total = engine.split_batches(cfg, cli.data_dir(cfg), batch, split=split,
+                                          num_examples=num_examples, drop_remainder=drop,
+                                          devices=mesh.shape[sharding.DATA])
+    if total == 0:
         raise ValueError(f"No examples evaluated: eval_batch_size {batch} is larger than "
-                         f"num_examples {num_examples} or the split.")
-    n = sums["count"]
-    return {"top1": sums["top1"] / n, "top5": sums["top5"] / n, "count": n}
+                         f"num_examples {num_examples} or the split, and the last partial "
+                         "batch is dropped (eval_drop_remainder=True, as the original).")
+    if progress:
+        logging.info("Evaluating %d examples of %s/%s (%s) under %s.", total, cfg.dataset, split,
+                     "last partial batch dropped, as the original" if drop
+                     else "every example, the last batch padded", ", ".join(attacks))
+    last = [0.0]
+
+    def report(p: engine.core.Progress) -> None:
+        if time.time() - last[0] > 10 or p.done >= total:
+            last[0] = time.time()
+            for a in attacks:
+                s = grammar.canonical(a)
+                logging.info("[%s] %d/%d examples | top-1 %.4f | %.1f examples/s", a, p.done,
+                             total, p.correct[s] / max(p.done, 1), p.done / max(p.elapsed, 1e-9))
+
+    r = engine.evaluate_specs(engine.ModelLogits(model), variables, batches, attacks,
+                              num_classes=cfg.num_classes if cfg.num_classes > 0 else
+                              data.num_classes(cfg.dataset), seed=seed,
+                              bounds=tuple(cfg.bounds), mesh=mesh, total=total,
+                              progress=report if progress else None)
+    out = {}
+    for a in attacks:
+        s = grammar.canonical(a)
+        n = r.num_examples
+        out[a] = {"top1": float(r.correct[s].mean()), "top5": float(r.top5[s].mean()),
+                  "count": n}
+    return out
 
 
 _EVAL_FIELDS = ("adv_method", "eval_name", "split_name", "num_examples", "eval_interval_secs")
 
 
-def eval_config(meta: dict[str, Any], fv: flags.FlagValues = FLAGS
-                ) -> ml_collections.ConfigDict:
+def eval_config(meta: dict[str, Any], fv: flags.FlagValues = FLAGS,
+                fields: dict[str, str] | None = None) -> ml_collections.ConfigDict:
     """The eval config: the checkpoint's recorded config (unless --config is given), then
-    the command-line flags; model name and classes come from the checkpoint."""
+    the command-line flags (``fields``: program flag -> config field, default the eval
+    program's); model name and classes come from the checkpoint. ``alp_jax.robustness``
+    builds its config here too."""
     if fv.config is None and "config" in meta:
         from alp_jax.config import default_config
 
@@ -105,7 +122,7 @@ def eval_config(meta: dict[str, Any], fv: flags.FlagValues = FLAGS
         from alp_jax.config import apply_hparams
 
         apply_hparams(cfg, fv.hparams)
-    cli.layer_flags(cfg, {n: n for n in _EVAL_FIELDS}, fv)
+    cli.layer_flags(cfg, {n: n for n in _EVAL_FIELDS} if fields is None else fields, fv)
     with cfg.ignore_type():
         for key in ("model_name", "num_classes"):
             if key in meta and getattr(fv, key, None) is None:
@@ -130,7 +147,7 @@ def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None,
     model = create_model(cfg.model_name, cfg.num_classes, dtype=cfg.compute_dtype,
                          bn_decay=cfg.bn_decay, conv_impl=cfg.get("conv_impl", "auto"))
     result = evaluate(model, variables, cfg, attack=cfg.adv_method,
-                      num_examples=cfg.num_examples, split=cfg.split_name, seed=cfg.seed)
+                      num_examples=cfg.num_examples, split=cfg.split_name)
     base = os.path.basename(step_dir)
     step = int(meta.get("step", base if base.isdigit() else 0))
     logging.info("%s step %d, %s on %s/%s: top-1 %.4f, top-5 %.4f (%d examples)",

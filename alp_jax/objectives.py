@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from alp_jax import losses, pgd
-from alp_jax.pgd import AttackSpec, generate_adversarial_examples, parse_attack
+from alp_jax.attacks.common import inference_logits_fn
+from alp_jax.attacks.grammar import AttackSpec, generate_adversarial_examples, parse_attack
 
 
 def split_mixed(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -58,10 +59,8 @@ def pgd_craft(model: Any, variables: dict[str, Any], images: jax.Array, labels: 
     """Adversarial examples from the current weights in inference mode (None for clean)."""
     if attack.is_clean:
         return None
-    frozen = jax.lax.stop_gradient(variables)
-    return generate_adversarial_examples(
-        lambda x: model.apply(frozen, x, train=False), images, key, attack, bounds,
-        labels=labels)
+    return generate_adversarial_examples(inference_logits_fn(model, variables), images, key,
+                                         attack, bounds, labels=labels)
 
 
 def pass_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float,
@@ -156,9 +155,7 @@ def trades_craft(model: Any, variables: dict[str, Any], images: jax.Array, label
                  key: jax.Array, attack: AttackSpec, bounds: tuple[float, float]) -> jax.Array:
     """TRADES' adversarial examples from the current weights in inference mode."""
     del labels  # TRADES moves away from the model's own clean prediction
-    frozen = jax.lax.stop_gradient(variables)
-    return trades_attack(lambda x: model.apply(frozen, x, train=False), images, key, attack,
-                         bounds)
+    return trades_attack(inference_logits_fn(model, variables), images, key, attack, bounds)
 
 
 def trades_objective(label_smoothing: float, beta: float, mixed: bool) -> Objective:

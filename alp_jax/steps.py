@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from alp_jax import losses, objectives
+from alp_jax.attacks.common import inference_logits_fn  # noqa: F401  (re-exported)
 from alp_jax.pgd import AttackSpec, generate_adversarial_examples, parse_attack
 from alp_jax.train_state import (
     TrainState,
@@ -31,12 +32,6 @@ def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     """[a0, b0, a1, b1, ...]: the mixed minibatch, laid out so that each data shard holds
     its own clean examples and their adversarial versions (no cross-device shuffle)."""
     return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
-
-
-def inference_logits_fn(model: Any, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
-    """Inference-mode logits with no gradient into the variables (for attacks)."""
-    frozen = jax.lax.stop_gradient(variables)
-    return lambda x: model.apply(frozen, x, train=False)
 
 
 def make_train_step(config: Any, model: Any) -> Callable[..., tuple[TrainState, Metrics]]:

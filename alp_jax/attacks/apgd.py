@@ -31,24 +31,11 @@ import jax.numpy as jnp
 
 from alp_jax import pgd
 from alp_jax.attacks import common
+from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 from alp_jax.losses import softmax_cross_entropy
-from alp_jax.pgd import AttackFamily, AttackSpec, Bounds, LogitsFn
 
-LOSSES = {"apgdce": "xent", "apgddlr": "dlr"}
 MOMENTUM = 0.75
 RHO = 0.75  # the fraction of loss increases below which the step size halves
-
-
-def _parse(spec: str, fields: list[str]) -> AttackSpec:
-    method = spec.split("_")[0]
-    form = f"{method}_EPS_NITER[_tK][_rK]"
-    if not 2 <= len(fields) <= 4:
-        raise common.spec_error(spec, f"expected {form}")
-    eps = pgd.parse_int(spec, fields[0], "EPS", 1, 255)
-    niter = pgd.parse_int(spec, fields[1], "NITER", 1)
-    suffix = common.parse_suffixes(spec, fields[2:], "tr", form)
-    return AttackSpec(method, eps, 0.0, niter, restarts=suffix.get("r", 1), true_label=True,
-                      spec=spec, loss=LOSSES[method], targets=suffix.get("t", 0))
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -191,7 +178,3 @@ def run(logits_fn: LogitsFn, images: jax.Array, key: jax.Array, spec: AttackSpec
     x = common.worst_case_runs(one_run, logits_fn, x0, labels, key, num_runs,
                                runs_per_target, random_start)
     return jax.lax.stop_gradient(x)
-
-
-for _m in LOSSES:
-    pgd.register_attack(_m, AttackFamily((f"{_m}_EPS_NITER[_tK][_rK]",), _parse, run))

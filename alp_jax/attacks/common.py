@@ -1,5 +1,6 @@
-"""Parts the extra attack families share: spec suffixes, reference labels, margins, and
-the worst case over several runs (restarts, target classes).
+"""Parts the attack families share: reference labels, margins, random starts, and the
+worst case over several runs (restarts, target classes). Parsing is
+``alp_jax.attacks.grammar``'s.
 
 Success inside the attacks means ``margin > 0``: some other logit is strictly larger
 than the reference label's. The scoring (``losses.topk_correct``) also counts an exact tie
@@ -11,31 +12,20 @@ bookkeeping more cautious, never its reported result better for the model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from alp_jax import pgd
-from alp_jax.pgd import AttackSpec, Bounds, LogitsFn
-
-# pgd's own error (its wording and the list of valid forms), so every spec error reads alike.
-spec_error = pgd._spec_error
-
-SUFFIX_NAMES = {"r": "restarts K", "t": "target classes K"}
-MAX_SUFFIX = 10_000
+from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 
-def parse_suffixes(spec: str, fields: list[str], allowed: str, form: str) -> dict[str, int]:
-    """``['r5', 't9'] -> {'r': 5, 't': 9}``; each letter of ``allowed`` at most once."""
-    out: dict[str, int] = {}
-    for field in fields:
-        kind = field[:1]
-        if kind not in allowed or len(field) < 2:
-            raise spec_error(spec, f"unexpected field {field!r}; expected {form}")
-        if kind in out:
-            raise spec_error(spec, f"suffix _{kind}K given twice")
-        out[kind] = pgd.parse_int(spec, field[1:], SUFFIX_NAMES[kind], 1, MAX_SUFFIX)
-    return out
+def inference_logits_fn(model: Any, variables: Any) -> LogitsFn:
+    """Inference-mode logits with no gradient into the variables: what every attack of
+    training and evaluation sees (BatchNorm on its moving statistics)."""
+    frozen = jax.lax.stop_gradient(variables)
+    return lambda x: model.apply(frozen, x, train=False)
 
 
 def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -48,12 +38,13 @@ def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def reference_labels(spec: AttackSpec, clean_logits: jax.Array,
                      labels: jax.Array | None) -> jax.Array:
-    """The labels an attack moves away from: the true ones, else the model's prediction."""
-    if labels is not None:
-        return labels
-    if spec.true_label:
+    """The labels an attack moves away from: the true ones for a true-label attack, else
+    the model's clean prediction (``pgd``, ``pgdll``, ``pgdrnd``, as the original)."""
+    if not spec.true_label:
+        return jnp.argmax(clean_logits, -1)
+    if labels is None:
         raise ValueError(f"Attack {spec.spec!r} attacks the true label; pass labels=.")
-    return jnp.argmax(clean_logits, -1)
+    return labels
 
 
 def start(key: jax.Array, x0: jax.Array, eps: float | jax.Array, bounds: Bounds,

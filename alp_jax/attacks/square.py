@@ -26,21 +26,10 @@ import numpy as np
 
 from alp_jax import pgd
 from alp_jax.attacks import common
-from alp_jax.pgd import AttackFamily, AttackSpec, Bounds, LogitsFn
+from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 P_INIT = 0.8
 _P_BREAKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # of 10,000 queries
-
-
-def _parse(spec: str, fields: list[str]) -> AttackSpec:
-    form = "square_EPS_NQUERIES[_rK]"
-    if not 2 <= len(fields) <= 3:
-        raise common.spec_error(spec, f"expected {form}")
-    eps = pgd.parse_int(spec, fields[0], "EPS", 1, 255)
-    queries = pgd.parse_int(spec, fields[1], "NQUERIES", 1)
-    restarts = common.parse_suffixes(spec, fields[2:], "r", form).get("r", 1)
-    return AttackSpec("square", eps, 0.0, queries, restarts=restarts, true_label=True,
-                      spec=spec, loss="margin")
 
 
 def halvings(iteration, num_queries: int):
@@ -125,6 +114,3 @@ def run(logits_fn: LogitsFn, images: jax.Array, key: jax.Array, spec: AttackSpec
     x = common.worst_case_runs(one_run, logits_fn, x0, labels, key, spec.restarts,
                                spec.restarts, True)
     return jax.lax.stop_gradient(x)
-
-
-pgd.register_attack("square", AttackFamily(("square_EPS_NQUERIES[_rK]",), _parse, run))
