@@ -8,13 +8,20 @@ program writes anything.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 import os
+import re
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 from absl import flags
 
 from alp_jax import config as config_lib
+from alp_jax.config import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +59,9 @@ def define_common_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("distributed_timeout_s", 300,
                          "Seconds to wait for the cluster to form before failing.",
                          flag_values=fv)
+    flags.DEFINE_integer("distributed_heartbeat_timeout_s", 60,
+                         "A process whose peer stops beating for this long exits (status 75) "
+                         "naming the lost process.", flag_values=fv)
 
 
 def base_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
@@ -69,7 +79,7 @@ def layer_flags(cfg: ml_collections.ConfigDict, names: dict[str, str],
         if value is None:
             continue
         if field not in cfg:
-            raise ValueError(f"Config has no field {field!r} for --{flag_name}.")
+            raise ConfigError(f"Config has no field {field!r} for --{flag_name}.")
         with cfg.ignore_type():
             cfg[field] = value
 
@@ -88,7 +98,8 @@ def maybe_initialize_distributed(fv: flags.FlagValues = FLAGS) -> None:
 
     sharding.initialize_distributed(
         fv.coordinator_address, fv.num_processes, fv.process_id,
-        auto=fv.multihost, timeout_s=fv.distributed_timeout_s)
+        auto=fv.multihost, timeout_s=fv.distributed_timeout_s,
+        heartbeat_timeout_s=fv.distributed_heartbeat_timeout_s)
 
 
 def data_dir(cfg: Any) -> str | None:
@@ -100,8 +111,122 @@ def data_dir(cfg: Any) -> str | None:
     return cfg.imagenet_data_dir or None
 
 
+# ---- the valid values of the numeric fields (validate_config and parse_flags) -------------
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field: ``ok(value)``, and ``valid``, the text
+    an error states them with."""
+
+    ok: Callable[[float], bool]
+    valid: str
+    integer: bool = False
+
+
+def _at_least(lo: int, integer: bool = True) -> Range:
+    return Range(lambda v: v >= lo, f">= {lo}", integer)
+
+
+def _above(lo: int) -> Range:
+    return Range(lambda v: v > lo, f"> {lo}")
+
+
+def _fraction(*, open_low: bool = False) -> Range:
+    """[0, 1), or (0, 1) with ``open_low``."""
+    if open_low:
+        return Range(lambda v: 0 < v < 1, "in (0, 1)")
+    return Range(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _auto_or_at_least(lo: int, auto: str) -> Range:
+    return Range(lambda v: v == -1 or v >= lo, f"-1 ({auto}) or >= {lo}", True)
+
+
+# Fields every run reads (training, evaluation, robustness). Checks that need more than the
+# value (attack specs, dataset names, directories) stay with their owners, which
+# validate_config calls; eval_batch_size, num_examples and the robustness fields are
+# validate_evaluation_fields'.
+RANGES: dict[str, Range] = {
+    "num_classes": _auto_or_at_least(2, "from the dataset"),
+    "dataset_image_size": _at_least(8),
+    "num_replicas": _at_least(1),
+    "mesh_model_axis": _at_least(1),
+    "bn_group_size": _at_least(0),
+    "bn_decay": _fraction(open_low=True),
+    "moving_average_decay": Range(lambda v: v < 1, "< 1"),  # <= 0 disables the average
+    "seed": Range(lambda v: 0 <= v < 2**32, f"in [0, {2**32})", True),
+}
+# Fields only training reads (an evaluation does not judge a recorded training config).
+TRAIN_RANGES: dict[str, Range] = {
+    "batch_size": _at_least(1),
+    "learning_rate": _above(0),
+    "lr_decay_factor": _above(0),
+    "lr_num_epochs_per_decay": _above(0),
+    "weight_decay": _at_least(0, integer=False),
+    "label_smoothing": _fraction(),
+    "momentum": _fraction(),
+    "rmsprop_decay": _fraction(),
+    "rmsprop_epsilon": _above(0),
+    "train_lp_weight": _at_least(0, integer=False),
+    "objective_weight": _at_least(0, integer=False),
+    "examples_per_epoch": _auto_or_at_least(1, "from the dataset"),
+    "max_steps": Range(lambda v: v >= -1, ">= -1", True),  # -1: forever
+    "save_model_steps": _at_least(0),  # 0: only at the end
+    "save_summaries_steps": _at_least(0),  # 0: none
+    "log_every_steps": _at_least(1),
+    "keep_checkpoints": _at_least(0),  # 0: keep all
+    "num_summary_images": _at_least(0),
+    "max_loss": _at_least(0, integer=False),  # 0: no ceiling
+}
+# Fields only evaluation reads.
+EVAL_RANGES: dict[str, Range] = {
+    "eval_interval_secs": _at_least(0, integer=False),
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_value(name: str, value: Any, rule: Range) -> None:
+    if rule.integer and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}.")
+    if not _is_number(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}.")
+    if not (math.isfinite(value) and rule.ok(value)):
+        raise ConfigError(f"{name} must be {rule.valid}, got {value!r}.")
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """Raises ConfigError naming the first field of ``cfg`` outside its ``ranges`` entry
+    (fields the config lacks are skipped), and checks ``bounds``."""
+    for name, rule in ranges.items():
+        if name in cfg:
+            _check_value(name, cfg[name], rule)
+    if "bounds" in cfg:
+        b = cfg.bounds
+        if not (len(b) == 2 and all(_is_number(x) and math.isfinite(x) for x in b)
+                and b[0] < b[1]):
+            raise ConfigError(f"bounds must be (low, high) with low < high, got {tuple(b)}.")
+
+
 def validate_config(cfg: Any, *, training: bool) -> None:
-    """Raises ValueError naming the bad field and what would be valid."""
+    """Raises ConfigError (a ValueError) naming the bad field, its value and what is valid.
+
+    ``training``: the checks of a training run; otherwise those of an evaluation, which
+    reads a checkpoint's recorded config and so skips the fields only training reads.
+    """
+    try:
+        _validate_config(cfg, training=training)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, ImportError) as e:
+        # The other modules' validators (attack specs, objectives, data) raise their own
+        # types; to the programs they are all a bad value, printed without a traceback.
+        raise ConfigError(str(e)) from e
+
+
+def _validate_config(cfg: Any, *, training: bool) -> None:
     from alp_jax import data, model, objectives, pgd, train_state
 
     if cfg.dataset not in data.DATASETS:
@@ -110,8 +235,7 @@ def validate_config(cfg: Any, *, training: bool) -> None:
     if cfg.model_name not in model.MODELS:
         raise ValueError(f"Unknown model_name {cfg.model_name!r}; valid: "
                          f"{', '.join(model.MODELS)}.")
-    if cfg.dataset_image_size < 8:
-        raise ValueError(f"dataset_image_size must be >= 8, got {cfg.dataset_image_size}.")
+    check_ranges(cfg, RANGES | (TRAIN_RANGES if training else EVAL_RANGES))
     from alp_jax.convolution import CONV_IMPLS
 
     if cfg.get("conv_impl", "auto") not in CONV_IMPLS:
@@ -125,9 +249,6 @@ def validate_config(cfg: Any, *, training: bool) -> None:
             raise ValueError(f"--dataset={cfg.dataset} needs --{flag}.")
         if not os.path.isdir(d):
             raise FileNotFoundError(f"--{flag}={d!r} is not a directory.")
-    for name in ("batch_size", "eval_batch_size", "num_replicas"):
-        if cfg[name] <= 0:
-            raise ValueError(f"{name} must be positive, got {cfg[name]}.")
     if training:
         pgd.parse_attack(cfg.train_adv_method)
         objectives.get_objective(cfg)
@@ -139,10 +260,119 @@ def validate_config(cfg: Any, *, training: bool) -> None:
                              f"{', '.join(train_state.LR_SCHEDULES)}.")
         if cfg.lr_schedule == "step" and len(cfg.lr_list) != len(cfg.lr_decay_epochs) + 1:
             raise ValueError("lr_list needs exactly one more value than lr_decay_epochs.")
+        for i, v in enumerate(cfg.lr_list):
+            _check_value(f"lr_list[{i}]", v, _above(0))
+        epochs = list(cfg.lr_decay_epochs)
+        if not all(_is_number(e) and e >= 0 for e in epochs) or any(
+                b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
+            raise ConfigError(f"lr_decay_epochs must be increasing and >= 0, got {epochs}.")
         if not cfg.output_dir:
             raise ValueError("--output_dir is required.")
     else:
         pgd.parse_attack(cfg.adv_method)
+        data.check_num_examples(cfg.dataset, cfg.split_name, cfg.num_examples, data_dir(cfg))
+    validate_evaluation_fields(cfg)
+
+
+# ---- evaluation engine and robustness fields (issue 16; alp_jax.engine owns them) ----------
+
+def validate_evaluation_fields(cfg: Any) -> None:
+    """Checks ``attack_seed``, ``num_examples`` and the ``robustness_*`` fields."""
+    from alp_jax.attacks import grammar
+    from alp_jax.engine import suite
+
+    suite.parse_attack_list(cfg.robustness_attacks, "--attacks (robustness_attacks)")
+    suite.parse_eps_list(cfg.robustness_eps, "--eps (robustness_eps)")
+    grammar.parse_attack(cfg.robustness_large_eps_attack)
+    if cfg.num_examples == 0 or cfg.num_examples < -1:
+        raise ValueError(f"num_examples must be positive or -1 (all), got {cfg.num_examples}.")
+    if cfg.robustness_num_images < 0:
+        raise ValueError(f"robustness_num_images must be >= 0, got {cfg.robustness_num_images}.")
+    if cfg.eval_batch_size <= 0:
+        raise ValueError(f"eval_batch_size must be positive, got {cfg.eval_batch_size}.")
+
+
+# ---- the command line: short errors instead of tracebacks ---------------------------------
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_CONFIG_GIVEN = re.compile(r"^--?config(=|$)")
+
+
+def _override_error(argv: Sequence[str], overrides: list[tuple[str, str]],
+                    fv: flags.FlagValues, error: Exception) -> str:
+    """The message for ``--config.*`` overrides that ml_collections failed on (it raises a
+    bare AttributeError / KeyError for a field the config does not have)."""
+    fields: list[str] = []
+    path = next((a.split("=", 1)[1] for a in argv if _CONFIG_GIVEN.match(a) and "=" in a), None)
+    try:
+        fields = list(fv["config"].parser.parse(path)) if path else []
+    except Exception:  # noqa: BLE001 - only used for the suggestion
+        fields = []
+    fields = fields or list(config_lib.default_config())
+    for arg, field in overrides:
+        top = field.split(".")[0]
+        if top not in fields:
+            close = difflib.get_close_matches(top, fields, n=3)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            return (f"{arg}: the config has no field {top!r}{hint}; the fields are those of "
+                    "alp_jax/config.py default_config().")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{' '.join(a for a, _ in overrides)}: {first}"
+
+
+def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
+    """Parses ``argv`` into ``fv`` like absl, raising ``flags.Error`` with a one-line message
+    for an unknown or mistyped ``--config.field``, an override without ``--config``, and a
+    flag value outside its config field's range (RANGES); returns the remaining arguments.
+    """
+    overrides = [(a, m.group(1)) for a in argv if (m := _OVERRIDE.match(a))]
+    if overrides and not any(_CONFIG_GIVEN.match(a) for a in argv):
+        raise flags.Error(
+            f"{overrides[0][0]} overrides a field of a config file: pass "
+            "--config=configs/NAME.py (e.g. configs/digits_alp.py) before it.")
+    try:
+        rest = fv(list(argv))
+    except flags.Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - see _override_error
+        if not overrides:
+            raise
+        raise flags.Error(_override_error(argv, overrides, fv, e)) from None
+    ranges = RANGES | TRAIN_RANGES | EVAL_RANGES
+    for name, rule in ranges.items():
+        if name in fv and fv[name].present and fv[name].value is not None:
+            try:
+                _check_value(name, fv[name].value, rule)
+            except ConfigError as e:
+                raise flags.Error(f"--{name}={fv[name].value}: {e}") from None
+    return rest
+
+
+def _parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
+    """``parse_flags`` for ``absl.app.run``: prints the error as absl does and exits 1."""
+    try:
+        return parse_flags(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                         "Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+
+
+def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> None:
+    """Defines the flags and runs ``main`` under ``absl.app``; a bad command line or config
+    value (``parse_flags``, or ConfigError from ``main``) ends the program with one line
+    and status 1 instead of a traceback."""
+    from absl import app
+
+    def guarded(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except ConfigError as e:
+            sys.stderr.write(f"FATAL config error: {e}\n")
+            sys.exit(1)
+
+    define_flags()
+    app.run(guarded, flags_parser=_parse_flags_or_exit)
 
 
 class _DropLibraryInfo:

@@ -81,31 +81,44 @@ def test_outputs_stay_in_eps_ball_and_bounds(spec, bounds, random_start):
 
 
 def test_original_specs_keep_their_code_path():
-    """Registering the extra forms leaves pgd/pgdll/pgdrnd without a suffix untouched, and
-    their _r1 forms are the same attack."""
+    """The extra forms leave pgd/pgdll/pgdrnd without a suffix untouched, and their _r1
+    forms are the same attack, output for output (_rK changes nothing but the runs)."""
     x, y = _digits8()
     key = jax.random.PRNGKey(5)
-    for spec in ("pgdll_8_2_5",):
+    for spec in ("pgdll_8_2_5", "pgd_8_2_5"):
         s = pgd.parse_attack(spec)
         assert (s.restarts, s.true_label, s.loss, s.targets) == (1, False, "xent", 0)
         direct = jax.jit(lambda x, k, s=s: pgd.run_pgd(_mlp(), x, k, s))(x, key)
         np.testing.assert_array_equal(_attack(spec)(x, key, y), direct)
-    for spec in ("pgdrnd_8_2_5",):
+    for spec in ("pgdrnd_8_2_5", "pgd_8_2_5", "pgdll_8_2_5", "pgdtrue_8_2_5"):
         np.testing.assert_allclose(_attack(spec + "_r1")(x, key, y), _attack(spec)(x, key, y),
                                    atol=1e-6)
+        np.testing.assert_array_equal(_attack(spec + "_r1")(x, key, y),
+                                      _attack(spec)(x, key, y))
+        assert pgd.parse_attack(spec + "_r1") == pgd.parse_attack(spec)
+    # The K-run machinery itself, with one run, is the one-run attack too.
+    from alp_jax.attacks import restarts
+
+    s = pgd.parse_attack("pgdcw_8_2_5")
+    cw1 = jax.jit(lambda x, k, y: restarts.run(_mlp(), x, k, s, labels=y))(x, key, y)
+    np.testing.assert_array_equal(_attack("pgdcw_8_2_5_r1")(x, key, y), cw1)
 
 
 def test_true_label_pgd_uses_the_labels():
     x, y = _digits8()
     key = jax.random.PRNGKey(0)
     wrong = (y + 1) % 10
-    a, b = _attack("pgd_8_2_5_r1")(x, key, y), _attack("pgd_8_2_5_r1")(x, key, wrong)
+    a, b = _attack("pgdtrue_8_2_5")(x, key, y), _attack("pgdtrue_8_2_5")(x, key, wrong)
     assert not np.allclose(a, b)
+    # pgd (any number of runs) attacks the model's prediction: the labels change nothing.
+    for spec in ("pgd_8_2_5", "pgd_8_2_5_r3"):
+        np.testing.assert_array_equal(_attack(spec)(x, key, y), _attack(spec)(x, key, wrong))
     ce = lambda z, t: float(np.mean(losses.softmax_cross_entropy(_mlp()(z), t)))
     assert ce(a, y) > ce(x, y)
 
 
-@pytest.mark.parametrize("spec", ["pgd_8_2_5_r2", "pgdcw_8_2_5", "apgdce_8_5", "square_8_5"])
+@pytest.mark.parametrize("spec", ["pgdtrue_8_2_5_r2", "pgdcw_8_2_5", "apgdce_8_5",
+                                  "square_8_5"])
 def test_true_label_attacks_need_labels(spec):
     x, _ = _digits8()
     with pytest.raises(ValueError, match=spec + ".*labels="):
@@ -197,7 +210,10 @@ def test_apgd_checkpoints_and_square_schedule():
 def test_parse_new_specs():
     s = pgd.parse_attack("pgd_16_2_100_r5")
     assert (s.method, s.eps, s.step, s.niter, s.restarts, s.true_label) == (
-        "pgd", 16, 2, 100, 5, True)
+        "pgd", 16, 2, 100, 5, False)  # _rK does not change the target: the prediction
+    s = pgd.parse_attack("pgdtrue_16_2_100_r5")
+    assert (s.method, s.eps, s.step, s.niter, s.restarts, s.true_label) == (
+        "pgdtrue", 16, 2, 100, 5, True)
     s = pgd.parse_attack("pgdcw_16_2_20")
     assert (s.loss, s.restarts, s.true_label) == ("cw", 1, True)
     s = pgd.parse_attack("apgddlr_16_100_r2_t9")
@@ -207,15 +223,16 @@ def test_parse_new_specs():
     s = pgd.parse_attack("square_16_1000")
     assert (s.method, s.eps, s.niter, s.restarts) == ("square", 16, 1000, 1)
     forms = set(pgd.valid_forms())
-    assert {"pgd_EPS_STEP_NITER_rK", "pgdcw_EPS_STEP_NITER[_rK]", "apgdce_EPS_NITER[_tK][_rK]",
+    assert {"pgd_EPS_STEP_NITER[_rK]", "pgdtrue_EPS_STEP_NITER[_rK]",
+            "pgdcw_EPS_STEP_NITER[_rK]", "apgdce_EPS_NITER[_tK][_rK]",
             "apgddlr_EPS_NITER[_tK][_rK]", "square_EPS_NQUERIES[_rK]"} <= forms
 
 
 @pytest.mark.parametrize("spec,why", [
     ("pgd_16_2_10_x5", "unexpected field 'x5'"),
     ("pgd_16_2_10_r0", "restarts K must be in 1..10000, got 0"),
-    ("pgd_16_2_10_r5_r6", "expected NAME_EPS_STEP_NITER"),
-    ("pgdcw_16_2", "expected NAME_EPS_STEP_NITER"),
+    ("pgd_16_2_10_r5_r6", "expected pgd_EPS_STEP_NITER[_rK]"),
+    ("pgdcw_16_2", "expected pgdcw_EPS_STEP_NITER[_rK]"),
     ("pgdcw_16_2_10_t3", "unexpected field 't3'"),
     ("apgdce_16", "expected apgdce_EPS_NITER[_tK][_rK]"),
     ("apgdce_300_10", "EPS must be in 1..255, got 300"),

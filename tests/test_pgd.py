@@ -250,8 +250,8 @@ def test_parse_attack():
     assert pgd.parse_attack(s) is s
     assert pgd.parse_attack("pgdrnd_255_255_1").eps == 255
     forms = pgd.valid_forms()
-    assert {"clean", "pgd_EPS_STEP_NITER", "pgdll_EPS_STEP_NITER",
-            "pgdrnd_EPS_STEP_NITER"} <= set(forms)
+    assert {"clean", "pgd_EPS_STEP_NITER[_rK]", "pgdll_EPS_STEP_NITER[_rK]",
+            "pgdrnd_EPS_STEP_NITER[_rK]"} <= set(forms)
     with pytest.raises(TypeError):
         pgd.parse_attack(16)
 
@@ -277,5 +277,5 @@ def test_spec_errors_say_what_is_wrong():
     assert "EPS" in msg("pgd_a_2_3") and "'a'" in msg("pgd_a_2_3")
     assert "0..255" in msg("pgd_300_1_1") and "300" in msg("pgd_300_1_1")
     assert "'foo'" in msg("foo_1_1_1")
-    assert "NAME_EPS_STEP_NITER" in msg("pgd_16_2")
+    assert "expected pgd_EPS_STEP_NITER[_rK]" in msg("pgd_16_2")
     assert "NITER" in msg("pgd_16_2_x")

@@ -267,8 +267,10 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
     base = jax.random.PRNGKey(seed)
     spec_keys = {s: np.asarray(jax.random.fold_in(base, grammar.seed_index(s)))
                  for s in canon if s != "clean"}
-    cache = _COMPILED
     hashable = _is_hashable(logits_fn)
+    # Compiled programs are shared across calls only for a hashable logits_fn (one that
+    # names its model, e.g. ModelLogits); otherwise they live for this call.
+    cache = _COMPILED if hashable else _Compiled()
     compile_s: dict[str, float] = {}
     attack_s = dict.fromkeys(canon, 0.0)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "labels")}
@@ -285,7 +287,7 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
         g = sharding.global_batch({k: b[k] for k in ("images", "labels", "mask", "index")},
                                   mesh)
         k_img = min(num_images, g["images"].shape[0])
-        fn_key = (logits_fn if hashable else id(logits_fn), "clean", k_img)
+        fn_key = (logits_fn, "clean", k_img)
         args = (variables, g["images"], g["labels"], g["mask"], g["index"])
         fn, c = cache.get(fn_key, lambda k_img=k_img: _clean_fn(logits_fn, k_img), args,
                           (var_sh, data_sh, data_sh, data_sh, data_sh), rep)
@@ -311,7 +313,7 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
             if spec.is_clean:
                 continue
             tmpl = grammar.template(spec)
-            fn_key = (logits_fn if hashable else id(logits_fn), tmpl, tuple(bounds), k_img)
+            fn_key = (logits_fn, tmpl, tuple(bounds), k_img)
             args = (variables, g["images"], g["labels"], g["mask"], g["index"],
                     jnp.asarray(spec_keys[s]), jnp.float32(spec.eps), jnp.float32(spec.step))
             fn, c = cache.get(fn_key, lambda tmpl=tmpl, k_img=k_img: _attack_fn(

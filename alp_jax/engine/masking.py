@@ -143,7 +143,7 @@ def masking_checks(result: SuiteResult, probes: MaskingProbes | None,
         for spec in dict.fromkeys(probes.specs):
             e = grammar.parse_attack(spec).eps
             if e in result.eps_list:
-                k = int(np.sum(result.worst_correct(e) & ~result.correct[spec]))
+                k = int(np.sum(result.worst_correct(e) & ~result.correct[grammar.canonical(spec)]))
                 if k:
                     missed.append(f"{spec} fools {k} examples the worst case at eps {e} "
                                   "counts as robust")
