@@ -1,23 +1,140 @@
 """The one place that reads and writes checkpoints (Orbax).
 
-Layout: ``<output_dir>/checkpoints/<step>/{state,meta}``. ``state`` is the TrainState
-pytree (or, for imported weights, just ``params``/``batch_stats``), ``meta`` a JSON dict
-(model name, number of classes, config). Orbax writes each step into a temporary
-directory and renames it when complete, so an interrupted save leaves no corrupt
-checkpoint. All processes of a multi-host job call save and restore together.
+Layout: ``<output_dir>/checkpoints/<step>/{state,meta,integrity}``. ``state`` is the
+TrainState pytree (or, for imported weights, just ``params``/``batch_stats``), ``meta`` a
+JSON dict (model name, number of classes, config), ``integrity`` a checksum per top-level
+group of ``state`` (``params``, ``opt_state``, ``ema_params``, ...), computed on the
+devices at save time and verified after every restore, so flipped bytes are reported as
+a damaged checkpoint instead of turning into NaN weights. Orbax writes each step into a
+temporary directory and renames it when complete, so an interrupted save leaves no
+corrupt checkpoint. All processes of a multi-host job call save and restore together.
+
+Which checkpoint is newest is decided in one place (``steps`` / ``latest_step``), for
+training and evaluation alike.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "checkpoints_damaged"
+ITEMS = ("state", "meta", "integrity")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the path."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint exists but does not hold what was saved (or holds non-finite values)."""
+
+    def __init__(self, step_dir: str, reason: str):
+        self.step_dir, self.reason = step_dir, reason
+        super().__init__(f"Checkpoint {step_dir} is damaged: {reason}")
+
+
+# ---- integrity --------------------------------------------------------------------------
+
+def _groups(tree: Any) -> dict[str, Any]:
+    """The top-level groups of a state: dataclass fields or dict keys."""
+    if isinstance(tree, dict):
+        return dict(tree)
+    if hasattr(tree, "__dataclass_fields__"):
+        return {name: getattr(tree, name) for name in tree.__dataclass_fields__}
+    return {"state": tree}
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    # MurmurHash3's finaliser: a bijection on uint32 that spreads every input bit.
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_hash(x: jax.Array) -> jax.Array:
+    """Two 32-bit sums of position-salted, mixed bit patterns. Each term is a bijection
+    of its element's bits, so any single changed element changes both sums; integer sums
+    are exact and associative, so the value does not depend on the sharding."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 8:  # only with jax_enable_x64: hash both halves
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+    flat = bits.reshape(-1)
+    idx = jax.lax.iota(jnp.uint32, flat.size)
+    h1 = jnp.sum(_fmix32(flat ^ _fmix32(idx)), dtype=jnp.uint32)
+    h2 = jnp.sum(_fmix32(flat + idx * jnp.uint32(0x9E3779B9)) * (2 * idx + 1),
+                 dtype=jnp.uint32)
+    return jnp.stack([h1, h2])
+
+
+def _is_finite(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.array(True)
+    return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _fingerprint(groups: dict[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
+    out = {}
+    for name, tree in groups.items():
+        leaves = jax.tree_util.tree_leaves(tree)
+        h = sum((_leaf_hash(x) for x in leaves), jnp.zeros(2, jnp.uint32))
+        finite = jnp.all(jnp.stack([_is_finite(x) for x in leaves])) if leaves \
+            else jnp.array(True)
+        out[name] = (h, finite)
+    return out
+
+
+def fingerprint(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{group: {"checksum": hex, "finite": bool}}`` for each top-level group of ``tree``.
+
+    Runs jitted where the arrays live (sharded or not); only 9 bytes a group come back.
+    """
+    fp = jax.device_get(_fingerprint(_groups(tree)))
+    return {name: {"checksum": f"{int(h[0]):08x}{int(h[1]):08x}", "finite": bool(finite)}
+            for name, (h, finite) in fp.items()}
+
+
+def non_finite_groups(tree: Any) -> list[str]:
+    """The top-level groups of ``tree`` holding a NaN or infinity (empty when all finite)."""
+    return [name for name, fp in fingerprint(tree).items() if not fp["finite"]]
+
+
+def verify(tree: Any, recorded: dict[str, Any] | None, step_dir: str) -> None:
+    """Raises CheckpointDamaged unless ``tree`` matches the checksums saved with it and
+    is finite. Checkpoints written before checksums existed are only checked for
+    finiteness."""
+    fp = fingerprint(tree)
+    bad = [name for name, f in fp.items() if not f["finite"]]
+    if recorded:
+        for name, rec in recorded.items():
+            if name in fp and fp[name]["checksum"] != rec:
+                bad.append(name)
+        if bad:
+            raise CheckpointDamaged(step_dir, "the values of " + ", ".join(sorted(set(bad)))
+                                    + " do not match the checksums recorded at save time")
+    if bad:
+        raise CheckpointDamaged(step_dir, "NaN or infinity in " + ", ".join(bad))
 
 
 def checkpoint_dir(output_dir: str) -> str:
@@ -26,19 +143,86 @@ def checkpoint_dir(output_dir: str) -> str:
 
 def manager(output_dir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
             save_interval_steps: int = 1) -> ocp.CheckpointManager:
-    """A CheckpointManager for ``<output_dir>/checkpoints`` (created if missing)."""
+    """A CheckpointManager for ``<output_dir>/checkpoints`` (created if missing).
+
+    ``max_to_keep`` 0 or None keeps every checkpoint, as ``tf.train.Saver``'s
+    ``max_to_keep`` 0 did in the original.
+    """
+    if max_to_keep is not None and max_to_keep < 0:
+        raise ValueError(f"max_to_keep must be >= 0 (0 keeps all), got {max_to_keep}.")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        max_to_keep=max_to_keep or None, create=True, enable_async_checkpointing=async_save,
         save_interval_steps=save_interval_steps)
-    return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options,
-                                 item_names=("state", "meta"))
+    try:
+        return ocp.CheckpointManager(checkpoint_dir(output_dir), options=options,
+                                     item_names=ITEMS)
+    except OSError as e:
+        raise CheckpointError(_os_error_text(e, checkpoint_dir(output_dir))) from None
+
+
+def _os_error_text(e: BaseException, path: str) -> str:
+    """One line for a failed write: the path, the cause, and the free space when full."""
+    while not isinstance(e, OSError) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        free = _free_bytes(path)
+        room = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        return f"No space left on the device holding {path}{room}."
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"Cannot write to {path}: {e.strerror}."
+    return f"Could not write {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def _free_bytes(path: str) -> int | None:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or "/").free
+    except OSError:
+        return None
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    text = str(e)
+    while e is not None:
+        if isinstance(e, OSError) or "No space left" in text or "Permission denied" in text:
+            return True
+        e = e.__cause__ or e.__context__
+        text = str(e) if e is not None else ""
+    return False
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any],
          *, force: bool = False) -> bool:
-    """Saves (asynchronously when the manager is async); returns whether it saved."""
-    return mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    """Saves (asynchronously when the manager is async); returns whether it saved.
+
+    Refuses (CheckpointError) a state holding NaN or infinity, so that every checkpoint
+    on disk is one training can continue from. Records the state's checksums.
+    """
+    fp = fingerprint(state)
+    bad = [name for name, f in fp.items() if not f["finite"]]
+    if bad:
+        raise CheckpointError(f"Not saving step {step}: NaN or infinity in "
+                              f"{', '.join(bad)}.")
+    integrity = {name: f["checksum"] for name, f in fp.items()}
+    try:
+        return mngr.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+            integrity=ocp.args.JsonSave(integrity)), force=force)
+    except Exception as e:
+        if _is_write_failure(e):
+            raise CheckpointError(_os_error_text(e, str(mngr.directory))) from None
+        raise
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Waits for pending asynchronous saves; a failed write becomes one clear line."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        if _is_write_failure(e):
+            raise CheckpointError(_os_error_text(e, str(mngr.directory))) from None
+        raise
 
 
 def abstract_like(tree: Any) -> Any:
@@ -52,18 +236,53 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, like: Any) -> Any:
     """Restores step ``step`` onto the structure, dtypes and shardings of ``like``.
 
     The shardings of ``like`` decide the placement, so a checkpoint written on N devices
-    restores onto any other device count.
+    restores onto any other device count. Raises CheckpointDamaged when the files cannot
+    be read or the values do not match their recorded checksums.
     """
-    restored = mngr.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(like))))
+    step_dir = os.path.join(str(mngr.directory), str(int(step)))
+    try:
+        restored = mngr.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(like))))
+    except Exception as e:  # noqa: BLE001 (any unreadable file is damage, reported by step)
+        raise CheckpointDamaged(step_dir, _first_line(e)) from e
+    verify(restored["state"], read_integrity(step_dir), step_dir)
     return restored["state"]
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
 def _step_dirs(directory: str) -> list[int]:
+    # Orbax renames a step's temporary directory to "<step>" only once it is complete,
+    # so a digit-named directory with a state item is a finished save.
     if not os.path.isdir(directory):
         return []
     return sorted(int(d) for d in os.listdir(directory)
                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def steps(output_dir: str) -> list[int]:
+    """The complete checkpoint steps in ``<output_dir>/checkpoints``, oldest first."""
+    return _step_dirs(checkpoint_dir(output_dir))
+
+
+def step_dir(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir(output_dir), str(int(step)))
+
+
+def quarantine(output_dir: str, step: int) -> str:
+    """Moves a damaged step out of the checkpoints directory (never deletes it), so that
+    neither Orbax's bookkeeping nor a later save of the same step trips over it. Only
+    process 0 moves; returns the new path."""
+    src = step_dir(output_dir, step)
+    dest_root = os.path.join(os.path.abspath(output_dir), DAMAGED_SUBDIR)
+    dest = os.path.join(dest_root, f"{int(step)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0 and os.path.isdir(src):
+        os.makedirs(dest_root, exist_ok=True)
+        os.replace(src, dest)
+    return dest
 
 
 def resolve(path: str) -> str:
@@ -84,17 +303,37 @@ def resolve(path: str) -> str:
 
 
 def latest_step(output_dir: str) -> int | None:
-    """The newest complete checkpoint step in ``<output_dir>/checkpoints``, or None."""
-    steps = _step_dirs(checkpoint_dir(output_dir))
-    return steps[-1] if steps else None
+    """The newest complete checkpoint step in ``<output_dir>/checkpoints``, or None.
+
+    Training resumes from, and evaluation evaluates, this step (training falls back to
+    an older one only after reporting this one as damaged and moving it aside).
+    """
+    found = steps(output_dir)
+    return found[-1] if found else None
+
+
+def _read_json_item(step_dir: str, item: str) -> dict[str, Any] | None:
+    path = os.path.join(step_dir, item, "metadata")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(step_dir, f"{item}/metadata is unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointDamaged(step_dir, f"{item}/metadata is not a JSON object")
+    return value
 
 
 def read_meta(step_dir: str) -> dict[str, Any]:
-    meta_file = os.path.join(step_dir, "meta", "metadata")
-    if os.path.exists(meta_file):
-        with open(meta_file) as f:
-            return json.load(f)
-    return {}
+    """The checkpoint's meta dict ({} when it has none); CheckpointDamaged if unreadable."""
+    return _read_json_item(step_dir, "meta") or {}
+
+
+def read_integrity(step_dir: str) -> dict[str, str] | None:
+    """The checksums recorded at save time, or None for checkpoints written without."""
+    return _read_json_item(step_dir, "integrity")
 
 
 class _NoMissingMetadataWarning:
@@ -105,16 +344,27 @@ class _NoMissingMetadataWarning:
 
 
 def load_raw(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """(state tree as nested dicts of NumPy arrays, meta, step dir) of a checkpoint."""
+    """(state tree as nested dicts of NumPy arrays, meta, step dir) of a checkpoint.
+
+    Raises CheckpointDamaged (naming the step directory) when the files cannot be read,
+    do not match the checksums recorded at save time, or hold NaN or infinity.
+    """
     import logging
 
     step_dir = resolve(path)
     quiet = _NoMissingMetadataWarning()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        return _load_raw(step_dir)
+        tree, meta, step_dir = _load_raw(step_dir)
+    except CheckpointDamaged:
+        raise
+    except Exception as e:  # noqa: BLE001 (any unreadable file is damage, reported by path)
+        raise CheckpointDamaged(step_dir, _first_line(e)) from e
     finally:
         logging.getLogger("absl").removeFilter(quiet)
+    with jax.default_device(jax.devices("cpu")[0]):
+        verify(tree, read_integrity(step_dir), step_dir)
+    return tree, meta, step_dir
 
 
 def _load_raw(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:

@@ -11,6 +11,8 @@ slice. Every process feeds only its local share of the global batch.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,14 +24,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA, MODEL = "data", "model"
 
 
+EXIT_CLUSTER_FAILED = 75  # exit status when the cluster cannot form or a peer is lost
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,
-                           *, auto: bool = False, timeout_s: int = 300) -> None:
+                           *, auto: bool = False, timeout_s: int = 300,
+                           heartbeat_timeout_s: int = 60) -> None:
     """Joins (or forms) a multi-process JAX cluster.
 
     With ``coordinator_address`` the cluster is described explicitly (e.g. two processes
     on 127.0.0.1); with ``auto`` JAX detects it (Cloud TPU, SLURM, Open MPI). A process
-    that cannot reach the coordinator within ``timeout_s`` raises instead of hanging.
+    that cannot reach the coordinator within ``timeout_s`` raises instead of hanging; if
+    the cluster still has not formed after ``timeout_s`` (process 0 alone, or a port
+    that is not a JAX coordinator), the process exits with status 75 and a message that
+    names the address, instead of XLA's native abort.
+
+    Once formed, a ``PeerWatchdog`` ends every survivor of a lost process within
+    ``heartbeat_timeout_s`` (+5 s): status 75 and a message naming the lost process(es).
     """
     if not coordinator_address and not auto:
         return
@@ -39,7 +51,9 @@ def initialize_distributed(coordinator_address: str | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # noqa: BLE001 (option absent on some builds)
         pass
-    kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s)}
+    # JAX's own limits sit above ours, so that ours fire first with a clear message.
+    kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s) + 60,
+                              "heartbeat_timeout_seconds": int(heartbeat_timeout_s) + 30}
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id.")
@@ -52,16 +66,90 @@ def initialize_distributed(coordinator_address: str | None = None,
         # XLA aborts the process (no Python exception) when the coordinator stays
         # unreachable; check reachability first so the failure is a clear error.
         _wait_for_coordinator(coordinator_address, timeout_s)
+    where = (f"coordinator {coordinator_address or 'auto-detected'}, process {process_id} of "
+             f"{num_processes}")
+    guard = threading.Timer(timeout_s, _exit_with, args=(
+        f"The JAX cluster did not form within {timeout_s}s ({where}): the other processes "
+        "did not join, or the address is not a JAX coordinator. Check that every process "
+        "was started with the same --coordinator_address and --num_processes.",))
+    guard.daemon = True
+    guard.start()
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 (re-raised with context)
         raise RuntimeError(
-            f"Could not form the JAX cluster (coordinator {coordinator_address or 'auto'}, "
-            f"process {process_id} of {num_processes}) within {timeout_s}s "
+            f"Could not form the JAX cluster ({where}) within {timeout_s}s "
             f"({time.time() - start:.0f}s elapsed): {e}") from e
+    finally:
+        guard.cancel()
     logging.info("JAX cluster: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    if jax.process_count() > 1:
+        PeerWatchdog(heartbeat_timeout_s, coordinator_address or "auto-detected").start()
+
+
+def _exit_with(message: str, status: int = EXIT_CLUSTER_FAILED) -> None:
+    # From a watchdog thread: the main thread may be blocked in a collective or in XLA,
+    # where no exception can reach it, so end the process here.
+    import sys
+
+    logging.error("%s", message)
+    print(f"ERROR: {message}", file=sys.stderr, flush=True)
+    os._exit(status)
+
+
+class PeerWatchdog(threading.Thread):
+    """Ends this process when another process of the cluster stops beating.
+
+    Every ``timeout_s / 6`` seconds each process bumps its own counter in the
+    coordination service's key-value store and reads the others'. A peer whose counter
+    has not moved for ``timeout_s`` (by this process's clock, so clock skew does not
+    matter), or a coordinator that stops answering, ends this process with status 75 and
+    a message naming the lost process(es), instead of a hang in the next collective or
+    XLA's native abort.
+    """
+
+    def __init__(self, timeout_s: float, address: str):
+        super().__init__(name="peer-watchdog", daemon=True)
+        self.timeout_s, self.address = float(timeout_s), address
+        self.interval = max(0.5, self.timeout_s / 6)
+
+    def run(self) -> None:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        me, n = jax.process_index(), jax.process_count()
+        last_value: dict[int, str] = {}
+        last_change: dict[int, float] = {p: time.time() for p in range(n)}
+        failing_since = None
+        while True:
+            now = time.time()
+            try:
+                client.key_value_increment(f"alp_jax/heartbeat/{me}", 1)
+                for p in range(n):
+                    if p == me:
+                        continue
+                    try:
+                        value = client.key_value_try_get(f"alp_jax/heartbeat/{p}")
+                    except Exception:  # noqa: BLE001 (not written yet)
+                        value = None
+                    if value is not None and value != last_value.get(p):
+                        last_value[p], last_change[p] = value, now
+                failing_since = None
+            except Exception as e:  # noqa: BLE001 (the coordinator itself is unreachable)
+                failing_since = failing_since or now
+                if now - failing_since > self.timeout_s:
+                    _exit_with(f"Lost the JAX coordinator (process 0 at {self.address}) for "
+                               f"{now - failing_since:.0f}s: {str(e).splitlines()[0][:200]}. "
+                               f"Stopping process {me} of {n}.")
+            lost = [p for p in range(n) if p != me and now - last_change[p] > self.timeout_s]
+            if lost:
+                _exit_with(f"Lost process(es) {', '.join(map(str, lost))} of the {n}-process "
+                           f"cluster (no heartbeat for over {self.timeout_s:.0f}s); stopping "
+                           f"process {me}. Restart the whole job: it resumes from the newest "
+                           "checkpoint.")
+            time.sleep(self.interval)
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

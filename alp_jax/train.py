@@ -28,8 +28,10 @@ from alp_jax import (
     cli,
     data,
     finetune,
+    losses,
     objectives,
     pgd,
+    run_dir,
     sharding,
     steps,
     summaries,
@@ -69,14 +71,24 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+class Preemption:
+    """Turns SIGTERM into a save-and-exit at a step every process agrees on.
+
+    One process: a SIGTERM handler sets a flag the loop polls. Several processes: JAX's
+    coordination service owns SIGTERM (its preemption notifier), and
+    ``multihost_utils.reached_preemption_sync_point`` returns True on every process at
+    the same step, so all of them reach the collective save together. The handler stays
+    installed until ``__exit__``, i.e. through the final save.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._flag = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
-    def __enter__(self):
+    def __enter__(self) -> Preemption:
+        if self._multi:
+            return self  # the coordination service's notifier handles SIGTERM
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -85,7 +97,15 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and exit after ``step`` (call once per step, on every process)."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(int(step))
+        return self._flag
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -100,34 +120,25 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _first_non_finite(history: list[tuple[int, dict[str, Any]]]) -> tuple[int, dict] | None:
+def _first_bad_loss(history: list[tuple[int, dict[str, Any]]], ceiling: float
+                    ) -> tuple[int, dict] | None:
     for step, m in history:
-        if not np.isfinite(float(m["total_loss"])):
+        loss = float(m["total_loss"])
+        if not np.isfinite(loss) or (ceiling > 0 and loss > ceiling):
             return step, m
     return None
 
 
-def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
-    """Trains until ``max_steps`` (or forever with -1); returns the final state.
+def restore_or_init(cfg: ml_collections.ConfigDict, model: Any, tx: Any, mesh: Any,
+                    out: str) -> tuple[ts.TrainState, str]:
+    """The state to train from, and how it was obtained: ``resumed`` from the newest good
+    checkpoint in ``out`` (after checking it is the same run), ``fine-tuned`` from
+    ``finetune_checkpoint_path``, or ``fresh``.
 
-    Resumes from the newest checkpoint in ``output_dir``; otherwise fine-tunes from
-    ``finetune_checkpoint_path`` when given; otherwise starts fresh.
+    A damaged newest checkpoint is reported by step, moved to ``checkpoints_damaged/``
+    and the next older one used; if every checkpoint is damaged the run stops rather
+    than silently starting over.
     """
-    # ---- config ----
-    cli.validate_config(cfg, training=True)
-    cfg = resolve_config(cfg)
-    out = os.path.abspath(cfg.output_dir)
-    is_main = jax.process_index() == 0
-
-    # ---- mesh ----
-    mesh = sharding.make_mesh(cfg.mesh_model_axis)
-    global_batch = cfg.batch_size * cfg.num_replicas
-    sharding.check_global_batch(global_batch, mesh)
-    local_batch = global_batch // jax.process_count()
-
-    # ---- model and optimizer ----
-    model = model_from_config(cfg)
-    tx, schedule = ts.optimizer_from_config(cfg, cfg.examples_per_epoch)
     rng = jax.random.PRNGKey(cfg.seed)
 
     def fresh_state(rng, variables=None):
@@ -137,26 +148,90 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
 
     abstract = jax.eval_shape(fresh_state, rng)
     state_sh = sharding.state_sharding(abstract, mesh)
+    found = checkpoints.steps(out)
+    damaged = []
+    for step in reversed(found):
+        step_dir = checkpoints.step_dir(out, step)
+        try:
+            meta = checkpoints.read_meta(step_dir)
+            run_dir.check_resume(meta.get("config"), json.loads(cfg.to_json()),
+                                 where=out, allow_changes=cfg.allow_resume_changes)
+            mngr = checkpoints.manager(out, max_to_keep=None, async_save=False)
+            try:
+                like = jax.tree_util.tree_map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    abstract, state_sh)
+                state = checkpoints.restore_state(mngr, step, like)
+            finally:
+                mngr.close()
+        except checkpoints.CheckpointDamaged as e:
+            moved = checkpoints.quarantine(out, step)
+            damaged.append(step)
+            logging.error("%s; moved it to %s and trying the previous checkpoint.", e, moved)
+            continue
+        if damaged:
+            logging.warning("Resuming from step %d, the newest good checkpoint (damaged: %s).",
+                            step, ", ".join(map(str, damaged)))
+        logging.info("Resumed from %s at step %d.", step_dir, step)
+        return state, "resumed"
+    if damaged:
+        raise checkpoints.CheckpointError(
+            f"Every checkpoint in {checkpoints.checkpoint_dir(out)} is damaged (steps "
+            f"{', '.join(map(str, damaged))}, moved to {checkpoints.DAMAGED_SUBDIR}/); not "
+            "starting over in this directory. Use another --output_dir.")
+    variables, how = None, "fresh"
+    if cfg.finetune_checkpoint_path:
+        fresh = ts.init_variables(model, jax.random.split(rng)[0], cfg.dataset_image_size)
+        variables = finetune.finetune_variables(
+            jax.device_get(fresh), cfg.finetune_checkpoint_path,
+            exclude_scopes=cfg.finetune_exclude_pretrained_scopes,
+            trainable_scopes=cfg.finetune_trainable_scopes,
+            use_ema=cfg.moving_average_decay > 0)
+        how = "fine-tuned"
+    return jax.jit(fresh_state, out_shardings=state_sh)(rng, variables), how
 
-    # ---- state: resume, fine-tune or fresh ----
-    os.makedirs(out, exist_ok=True)
+
+def _checked_labels(batches, num_classes: int):
+    for batch in batches:
+        losses.check_labels(batch["labels"], num_classes, what="training labels")
+        yield batch
+
+
+def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
+    """Trains until ``max_steps`` (or forever with -1); returns the final state.
+
+    Resumes from the newest good checkpoint in ``output_dir`` (refusing a different
+    run's directory); otherwise fine-tunes from ``finetune_checkpoint_path`` when given;
+    otherwise starts fresh. Holds ``output_dir``'s lock for the whole run.
+    """
+    cli.validate_config(cfg, training=True)
+    cfg = resolve_config(cfg)
+    out = os.path.abspath(cfg.output_dir)
+    lock = run_dir.OutputDirLock(out) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
+    is_main = jax.process_index() == 0
+
+    # ---- mesh ----
+    mesh = sharding.make_mesh(cfg.mesh_model_axis)
+    global_batch = cfg.batch_size * cfg.num_replicas
+    sharding.check_global_batch(global_batch, mesh)
+    local_batch = global_batch // jax.process_count()
+
+    # ---- model, optimizer, state ----
+    model = model_from_config(cfg)
+    tx, _ = ts.optimizer_from_config(cfg, cfg.examples_per_epoch)
+    state, how = restore_or_init(cfg, model, tx, mesh, out)
+    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     mngr = checkpoints.manager(out, max_to_keep=cfg.keep_checkpoints, async_save=True)
-    latest = mngr.latest_step()
-    if latest is not None:
-        like = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        state = checkpoints.restore_state(mngr, latest, like)
-        logging.info("Resumed from %s at step %d.", checkpoints.checkpoint_dir(out), latest)
-    else:
-        variables = None
-        if cfg.finetune_checkpoint_path:
-            fresh = ts.init_variables(model, jax.random.split(rng)[0], cfg.dataset_image_size)
-            variables = finetune.finetune_variables(
-                jax.device_get(fresh), cfg.finetune_checkpoint_path,
-                exclude_scopes=cfg.finetune_exclude_pretrained_scopes,
-                trainable_scopes=cfg.finetune_trainable_scopes,
-                use_ema=cfg.moving_average_decay > 0)
-        state = jax.jit(fresh_state, out_shardings=state_sh)(rng, variables)
 
     # ---- steps ----
     train_step = sharding.jit_train_step(steps.make_train_step(cfg, model), state_sh, mesh)
@@ -174,65 +249,77 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
 
     # ---- data ----
     start_step = int(jax.device_get(state.step))
-    batches = sharding.prefetch_to_mesh(data.train_iterator(
+    batches = sharding.prefetch_to_mesh(_checked_labels(data.train_iterator(
         cfg.dataset, cli.data_dir(cfg), cfg.dataset_image_size, local_batch, seed=cfg.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step), mesh)
+        start_step=start_step), cfg.num_classes), mesh)
 
     # ---- loop ----
     writer = summaries.SummaryWriter(out, enabled=is_main)
     if is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=2))
+        _write_json_atomic(os.path.join(out, "config.json"), json.loads(cfg.to_json()))
     max_steps = cfg.max_steps
     step = start_step
     history: list[tuple[int, dict[str, Any]]] = []
-    last_good = start_step
+    last_saved = start_step if how == "resumed" else None
     t_last, s_last = time.time(), step
     weight = cfg.train_lp_weight if cfg.train_objective == "alp" else cfg.objective_weight
     logging.info("Training %s on %s: global batch %d on %d devices (%d processes), "
-                 "objective %s (weight %g), attack %s, from step %d to %s.", cfg.model_name,
-                 cfg.dataset, global_batch, jax.device_count(), jax.process_count(),
-                 cfg.train_objective, weight, cfg.train_adv_method, step,
-                 max_steps if max_steps >= 0 else "unlimited")
+                 "objective %s (weight %g), attack %s, from step %d (%s) to %s.",
+                 cfg.model_name, cfg.dataset, global_batch, jax.device_count(),
+                 jax.process_count(), cfg.train_objective, weight, cfg.train_adv_method, step,
+                 how, max_steps if max_steps >= 0 else "unlimited")
 
-    def check_finite() -> list[tuple[int, dict[str, Any]]]:
-        nonlocal history, last_good
+    def last_good() -> str:
+        checkpoints.wait(mngr)
+        if last_saved is None:
+            return f"No checkpoint was saved in {checkpoints.checkpoint_dir(out)}."
+        return (f"The last good checkpoint is step {last_saved} in "
+                f"{checkpoints.checkpoint_dir(out)}.")
+
+    def check_loss() -> list[tuple[int, dict[str, Any]]]:
+        nonlocal history
         fetched = [(s, jax.device_get(m)) for s, m in history]
-        bad = _first_non_finite(fetched)
+        bad = _first_bad_loss(fetched, cfg.max_loss)
         if bad is not None:
-            mngr.wait_until_finished()
+            loss = float(bad[1]["total_loss"])
+            why = "" if not np.isfinite(loss) else f" (above max_loss {cfg.max_loss:g})"
             raise FloatingPointError(
-                f"Loss is {float(bad[1]['total_loss'])} at step {bad[0]} (loss_xent="
-                f"{float(bad[1]['loss_xent'])}); stopping. The last good checkpoint is step "
-                f"{mngr.latest_step()} in {checkpoints.checkpoint_dir(out)}.")
-        if history:
-            last_good = history[-1][0]
+                f"Loss is {loss} at step {bad[0]}{why} (loss_xent="
+                f"{float(bad[1]['loss_xent'])}); stopping. {last_good()}")
         history = []
         return fetched
 
     def save(step: int) -> None:
-        check_finite()
-        if mngr.latest_step() == step:
+        nonlocal last_saved
+        check_loss()
+        if last_saved == step:
             return
+        bad = checkpoints.non_finite_groups(state)
+        if bad:
+            raise FloatingPointError(
+                f"NaN or infinity in {', '.join(bad)} after step {step} although the loss "
+                f"was finite; not saving it. {last_good()}")
         checkpoints.save(mngr, step, state, checkpoint_meta(cfg, step), force=True)
+        last_saved = step
 
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
         while max_steps < 0 or step < max_steps:
             batch = next(batches)
             state, metrics = train_step(state, batch["images"], batch["labels"])
             step += 1
             history.append((step, metrics))
-            if preemption.requested:
+            if preemption.reached(step):
                 save(step)
-                mngr.wait_until_finished()
+                checkpoints.wait(mngr)
+                mngr.close()
                 logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
                 writer.close()
                 return state
             log_now = step % cfg.log_every_steps == 0 or step == max_steps
             summ_now = cfg.save_summaries_steps > 0 and step % cfg.save_summaries_steps == 0
             if log_now or summ_now:
-                fetched = check_finite()
+                fetched = check_loss()
                 m = fetched[-1][1]
                 now = time.time()
                 rate = (step - s_last) / max(now - t_last, 1e-9)
@@ -259,9 +346,10 @@ def train(cfg: ml_collections.ConfigDict) -> ts.TrainState:
             if cfg.save_model_steps > 0 and step % cfg.save_model_steps == 0:
                 save(step)
 
-    save(step)
-    mngr.wait_until_finished()
-    mngr.close()
+        # Still inside the SIGTERM handler: a preemption notice now waits for this save.
+        save(step)
+        checkpoints.wait(mngr)
+        mngr.close()
     writer.close()
     if is_main:
         _write_json_atomic(os.path.join(out, DONE_FILE), {"step": step})
@@ -306,8 +394,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point ``alp-train``."""
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)
 
 
 if __name__ == "__main__":
