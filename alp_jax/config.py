@@ -12,6 +12,14 @@ from typing import Any
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+    """A config or command-line value is invalid; the message names it and what is valid.
+
+    The programs (``cli.run_program``) print the message alone, not a traceback.
+    """
+
+
 # The original's hyperparameters (settable through --hparams), with its defaults.
 HPARAMS: dict[str, Any] = {
     "batch_size": 32,
@@ -119,7 +127,7 @@ def _coerce(name: str, text: str, current: Any) -> Any:
             return [float(x) for x in value]
         return text
     except (ValueError, SyntaxError):
-        raise ValueError(
+        raise ConfigError(
             f"hparam {name}={text!r}: expected a {type(current).__name__} "
             f"(current value {current!r}).") from None
 
@@ -143,7 +151,7 @@ def parse_hparams(text: str) -> dict[str, str]:
         if not part.strip():
             continue
         if "=" not in part:
-            raise ValueError(f"hparams entry {part!r} is not of the form name=value.")
+            raise ConfigError(f"hparams entry {part!r} is not of the form name=value.")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -153,7 +161,7 @@ def apply_hparams(config: ml_collections.ConfigDict, text: str) -> ml_collection
     """Layers an original-style ``--hparams`` string onto ``config`` (in place)."""
     for name, value in parse_hparams(text).items():
         if name not in HPARAMS:
-            raise ValueError(f"Unknown hparam {name!r}; valid names: {', '.join(HPARAMS)}.")
+            raise ConfigError(f"Unknown hparam {name!r}; valid names: {', '.join(HPARAMS)}.")
         with config.ignore_type():
             config[name] = _coerce(name, value, config[name])
     return config

@@ -244,8 +244,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point ``alp-eval``."""
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)
 
 
 if __name__ == "__main__":

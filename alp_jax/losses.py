@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alp_jax.config import ConfigError
+
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example cross-entropy against integer labels, computed in float32."""
@@ -73,7 +75,8 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
 
 
 def check_labels(labels: Any, num_classes: int, *, what: str = "labels") -> None:
-    """Raises ValueError naming the first label outside ``[0, num_classes)`` (host, NumPy).
+    """Raises ConfigError (a ValueError) naming the first label outside ``[0, num_classes)``
+    (host, NumPy).
 
     A model with fewer classes than the data would otherwise train on, and score, labels it
     has no logit for.
@@ -82,7 +85,7 @@ def check_labels(labels: Any, num_classes: int, *, what: str = "labels") -> None
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(
+        raise ConfigError(
             f"{what}: label {labels[i]} at index {i} is outside [0, {num_classes}): the model "
             f"has {num_classes} classes (does --config.num_classes match the data set?)")
 

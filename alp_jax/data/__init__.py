@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from alp_jax.config import ConfigError
+
 Batch = dict[str, np.ndarray]
 
 DATASETS = ("digits", "tiny_imagenet", "imagenet", "imagenet_tfds")
@@ -26,7 +28,7 @@ _NUM_CLASSES = {"digits": 10, "tiny_imagenet": 200, "imagenet": 1001, "imagenet_
 
 def _check_dataset(name: str) -> None:
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+        raise ConfigError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
 
 
 def _tfrecord_datasets():
@@ -66,6 +68,24 @@ def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
     return _tfrecord_datasets().num_examples(dataset, split, data_dir)
 
 
+def check_num_examples(dataset: str, split: str, requested: int,
+                       data_dir: str | None = None) -> None:
+    """Raises ValueError when ``requested`` examples (-1: the whole split) are more than
+    ``split`` holds: an evaluation would otherwise cover the whole split and report it as
+    the number asked for.
+
+    ImageNet's split sizes are the published ones (its shards are not counted), so a
+    directory holding only some of them passes.
+    """
+    if requested < 0:
+        return
+    n = num_examples(dataset, split, data_dir)
+    if requested > n:
+        raise ValueError(
+            f"num_examples={requested} is more than the {n} examples of the {dataset} "
+            f"{split} split; pass at most {n}, or -1 for the whole split.")
+
+
 def train_iterator(
     dataset: str,
     data_dir: str | None,
@@ -103,9 +123,11 @@ def eval_iterator(
 ) -> Iterator[Batch]:
     """Finite evaluation batches (eval preprocessing, no shuffling, last partial batch dropped).
 
-    ``num_examples`` counts examples over all processes (-1: the whole split).
+    ``num_examples`` counts examples over all processes (-1: the whole split); more than
+    the split holds is an error.
     """
     _check_dataset(dataset)
+    check_num_examples(dataset, split, num_examples, data_dir)
     if dataset == "digits":
         from alp_jax.data import digits
 
