@@ -216,10 +216,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point ``alp-robustness``."""
-    from absl import app
+    from alp_jax import cli
 
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)
 
 
 if __name__ == "__main__":
