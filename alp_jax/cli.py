@@ -338,6 +338,13 @@ def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
         if not overrides:
             raise
         raise flags.Error(_override_error(argv, overrides, fv, e)) from None
+    if "config" in fv and fv["config"].value is not None:
+        try:  # ml_collections defers a failed load of the file to the config's first use
+            fv["config"].value.get("seed")
+        except OSError as e:
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            raise flags.Error(f"--config: the file could not be loaded ({lines[-1]}); the "
+                              "shipped configs are in configs/.") from None
     ranges = RANGES | TRAIN_RANGES | EVAL_RANGES
     for name, rule in ranges.items():
         if name in fv and fv[name].present and fv[name].value is not None:

@@ -7,6 +7,7 @@ long traceback, ``--num_examples`` larger than the split, a killed converter lea
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import re
@@ -211,6 +212,8 @@ def _parse_train_flags(monkeypatch, *argv):
      r"^--config\.batch_size=16 overrides a field of a config file: pass "
      r"--config=configs/NAME\.py \(e\.g\. configs/digits_alp\.py\) before it\.$"),
     ([f"--config={CONFIG}", "--max_steps=-3"], r"^--max_steps=-3: max_steps must be >= -1"),
+    ([f"--config={REPO}/configs/nope.py"],
+     r"^--config: the file could not be loaded \(\[Errno 2\] No such file or directory: "),
 ])
 def test_bad_command_line_is_one_short_error(monkeypatch, argv, message):
     with pytest.raises(flags.Error) as err:
@@ -246,3 +249,158 @@ def test_programs_print_a_short_error_not_a_traceback(tmp_path, program, argv, m
     assert "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.strip()]) <= 3, r.stderr
     assert not out.exists()
+
+
+# ---- the Tiny ImageNet converter: killed runs and full disks ----------------------------
+
+_HANG = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import data_fixtures as fx
+conv = fx.load_converter()
+tree, out, mode, seed = sys.argv[2:6]
+
+def hang():
+    open(out + ".ready", "w").close()
+    time.sleep(600)
+
+if mode == "writing":
+    real, calls = conv.make_example, []
+
+    def make_example(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:  # 5 records into validation, train written
+            hang()
+        return real(*args, **kwargs)
+
+    conv.make_example = make_example
+else:  # killed right after the first output file got its final name
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if dst.endswith(".tfrecord"):
+            hang()
+
+    os.replace = replace
+conv.convert(tree, out, seed=int(seed))
+"""
+
+
+def _converter():
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("pandas")
+    import data_fixtures as fx
+
+    return fx, fx.load_converter()
+
+
+def _kill_conversion(tree: str, out: str, mode: str, seed: int) -> None:
+    import signal
+    import time
+
+    if os.path.exists(out + ".ready"):
+        os.remove(out + ".ready")
+    proc = subprocess.Popen([sys.executable, "-c", _HANG, os.path.dirname(__file__), tree, out,
+                             mode, str(seed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(out + ".ready"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "the conversion never reached the kill point"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _visible(out: str) -> list[str]:
+    return sorted(f for f in os.listdir(out) if not f.startswith("."))
+
+
+FINALS = ["test.tfrecord", "train.tfrecord", "validation.tfrecord"]
+
+
+def _records(path: str) -> list[dict]:
+    import tensorflow as tf
+
+    def fields(record):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature
+        return {k: list(v.bytes_list.value) or list(v.int64_list.value)
+                for k, v in feature.items()}
+
+    return [fields(r) for r in tf.data.TFRecordDataset(path)]
+
+
+def test_killed_conversion_leaves_no_complete_looking_files_and_is_cleaned_up(tmp_path):
+    fx, conv = _converter()
+    tree = fx.write_tiny_imagenet_tree(str(tmp_path))
+    out = str(tmp_path / "out")
+    # Killed while writing: only hidden temporary files, removed by the next run.
+    _kill_conversion(tree, out, "writing", 0)
+    assert _visible(out) == []
+    assert [f for f in os.listdir(out) if ".tmp-" in f], "the kill came too late to test"
+    conv.convert(tree, out, seed=0)
+    assert sorted(os.listdir(out)) == FINALS
+
+    # Killed while giving the files their names, over an earlier conversion: the directory
+    # never holds a full set mixing both conversions (train from one, validation from the
+    # other); the files that are there are the new conversion's.
+    _kill_conversion(tree, out, "renaming", 1)
+    assert _visible(out) == ["train.tfrecord"]
+    ref = str(tmp_path / "ref")
+    conv.convert(tree, ref, seed=1)
+    # Records, not bytes: protobuf map order differs between processes.
+    assert _records(os.path.join(out, "train.tfrecord")) == \
+        _records(os.path.join(ref, "train.tfrecord"))
+    conv.convert(tree, out, seed=1)
+    assert sorted(os.listdir(out)) == FINALS
+
+
+def test_conversion_refuses_a_directory_another_conversion_is_writing(tmp_path):
+    fx, conv = _converter()
+    tree = fx.write_tiny_imagenet_tree(str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / f".train.tfrecord.tmp-{os.getppid()}"  # a process that is running
+    live.write_bytes(b"")
+    with pytest.raises(conv.ConversionError, match=rf"process {os.getppid()}, which is "
+                       "running: another conversion is writing into"):
+        conv.convert(tree, str(out))
+    assert live.exists() and _visible(str(out)) == []
+
+
+def test_conversion_on_a_full_disk_says_so_and_keeps_earlier_outputs(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    fx, conv = _converter()
+    tree = fx.write_tiny_imagenet_tree(str(tmp_path))
+    out = str(tmp_path / "out")
+    conv.convert(tree, out, seed=0)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in FINALS}
+    real, calls = conv.make_example, []
+
+    def make_example(*args, **kwargs):  # what TFRecordWriter raises on ENOSPC (measured)
+        calls.append(1)
+        if len(calls) == 25:
+            raise tf.errors.ResourceExhaustedError(None, None, "x; No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "make_example", make_example)
+    with pytest.raises(conv.ConversionError, match=rf"Writing {re.escape(out)} failed: .*No "
+                       r"space left on device.*earlier outputs are untouched"):
+        conv.convert(tree, out, seed=1)
+    assert sorted(os.listdir(out)) == FINALS
+    assert {n: open(os.path.join(out, n), "rb").read() for n in FINALS} == before
+
+    # Not enough free space for the outputs: said before anything is written.
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(conv.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    small = tmp_path / "small"
+    with pytest.raises(conv.ConversionError, match=r"need about [\d.]+ MB, but .*small has "
+                       r"0\.0 MB free"):
+        conv.convert(tree, str(small), seed=0)
+    assert os.listdir(small) == []

@@ -26,6 +26,11 @@ Departures from the original: the train order is a seeded permutation (the origi
 string where a list was expected, which stored one entry per character); the input is
 validated, every image decoded once, before anything is written; outputs are written under
 temporary names and renamed only when every file is complete.
+
+A killed conversion leaves only hidden temporary files (``.train.tfrecord.tmp-PID``), which
+the next conversion into the directory removes; one killed while renaming leaves some of
+its new files and none of the earlier conversion's (they are deleted before the first
+rename), never a full set mixing two conversions. Free space is checked before writing.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import concurrent.futures
 import dataclasses
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +61,11 @@ flags.DEFINE_integer("num_shards", 1, "Files per split; >1 writes <split>-0000i-
 
 class ConversionError(ValueError):
     """The input directory is incomplete or holds unreadable files; nothing was written."""
+
+
+class ConversionWriteError(ConversionError, OSError):
+    """Writing the outputs failed (e.g. a full disk); the temporary files were removed and the
+    earlier outputs are untouched."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +233,68 @@ def shard_names(split: str, num_shards: int) -> list[str]:
     return [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
 
 
+_TEMP = re.compile(r"\.(?:train|validation|test)(?:\.tfrecord|-\d{5}-of-\d{5}\.tfrecord)"
+                   r"\.tmp-(\d+)")
+
+
+def _temp_name(final: str) -> str:
+    """Hidden, so that a reader's ``train*.tfrecord`` pattern never matches it."""
+    return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """Removes the temporary files of killed conversions from ``output_dir``; returns them.
+
+    Raises ConversionError when a conversion that is still running (its process exists)
+    owns one: two conversions into one directory would replace each other's files.
+    """
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        m = _TEMP.fullmatch(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _process_alive(pid):
+            raise ConversionError(
+                f"{os.path.join(output_dir, name)} belongs to process {pid}, which is running: "
+                f"another conversion is writing into {output_dir}. Wait for it, choose another "
+                "--output_dir, or delete the file if that process is not a conversion.")
+        os.remove(os.path.join(output_dir, name))
+        removed.append(name)
+    if removed:
+        logging.info("Removed %d temporary file(s) of an interrupted conversion: %s",
+                     len(removed), ", ".join(removed))
+    return removed
+
+
+def _check_free_space(output_dir: str, entries: Sequence[Entry]) -> None:
+    # A record is the image file's bytes plus its labels and boxes (~100 bytes) and framing.
+    need = sum(os.path.getsize(e.path) + 256 for e in entries) + (1 << 20)
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise ConversionError(
+            f"The outputs need about {need / 1e6:.1f} MB, but {output_dir} has "
+            f"{free / 1e6:.1f} MB free; nothing was written.")
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _existing_outputs(output_dir: str, split: str) -> set[str]:
     pattern = re.compile(rf"{split}(\.tfrecord|-\d{{5}}-of-\d{{5}}\.tfrecord)")
     return {f for f in os.listdir(output_dir) if pattern.fullmatch(f)}
@@ -308,15 +381,31 @@ def convert(input_dir: str, output_dir: str, synsets_path: str | None = None, se
             f"{output_dir} already holds {stale[:4]}{' ...' if len(stale) > 4 else ''} from a "
             f"conversion with another --num_shards; a reader would mix both. Delete them or "
             "choose an empty --output_dir.")
-    # Hidden temporary names: a reader's train*.tfrecord pattern never matches them.
-    temps = {s: [os.path.join(output_dir, f".{os.path.basename(p)}.tmp-{os.getpid()}")
-                 for p in finals[s]] for s in SPLITS}
+    remove_stale_temporaries(output_dir)
+    everything = [e for split in SPLITS for e in entries[split]]
+    _check_free_space(output_dir, everything)
+    import tensorflow as tf
+
+    temps = {s: [_temp_name(p) for p in finals[s]] for s in SPLITS}
     try:
-        for split in SPLITS:
-            _write_split(split, entries[split], temps[split], tiny_label, imagenet_label)
+        try:
+            for split in SPLITS:
+                _write_split(split, entries[split], temps[split], tiny_label, imagenet_label)
+            for tmp in (t for s in SPLITS for t in temps[s]):
+                _fsync(tmp)  # the data is on disk before any file gets a final name
+        except (OSError, tf.errors.OpError) as e:
+            raise ConversionWriteError(
+                f"Writing {output_dir} failed: {e}. The temporary files were removed and "
+                "earlier outputs are untouched.") from e
+        # No rename is atomic across files: delete the earlier outputs first, so that a kill
+        # between two renames leaves part of this conversion, never a mix of two.
+        for final in (f for s in SPLITS for f in finals[s]):
+            if os.path.exists(final):
+                os.remove(final)
         for split in SPLITS:
             for tmp, final in zip(temps[split], finals[split], strict=True):
                 os.replace(tmp, final)
+        _fsync(output_dir)
     finally:
         for tmp in (t for s in SPLITS for t in temps[s]):
             if os.path.exists(tmp):
