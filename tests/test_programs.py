@@ -314,6 +314,14 @@ def test_original_readme_commands_parse(tmp_path):
     (["--dataset=tiny_imagenet"], "needs --tiny_imagenet_data_dir"),
     (["--dataset=imagenet", "--imagenet_data_dir=/nonexistent/dir"], "is not a directory"),
     (["--hparams=optimizer=sgd"], "Unknown optimizer 'sgd'"),
+    # Values outside their range (issue 15): each names the field, the value and the range.
+    (["--hparams=learning_rate=-0.1"], "learning_rate must be > 0, got -0.1."),
+    (["--hparams=rmsprop_epsilon=0"], "rmsprop_epsilon must be > 0, got 0.0."),
+    (["--hparams=weight_decay=-1"], "weight_decay must be >= 0, got -1.0."),
+    (["--hparams=lr_decay_factor=0"], "lr_decay_factor must be > 0, got 0.0."),
+    (["--max_steps=-5"], "max_steps must be >= -1, got -5."),
+    (["--moving_average_decay=1.5"], "moving_average_decay must be < 1, got 1.5."),
+    (["--dataset_image_size=4"], "dataset_image_size must be >= 8, got 4."),
 ])
 def test_bad_flags_give_clear_errors_and_write_nothing(tmp_path, argv, message):
     out = tmp_path / "never"
