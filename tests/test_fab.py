@@ -14,7 +14,7 @@ import pytest
 from scipy.optimize import linprog
 
 from alp_jax import losses, pgd
-from alp_jax.attacks import common, fab
+from alp_jax.attacks import common, fab, grammar
 from alp_jax.attacks.grammar import AttackSpec
 from alp_jax.data import digits
 
@@ -249,3 +249,27 @@ def test_fab_fools_an_undefended_model_with_small_perturbations(trained_digits):
     pgd_median = np.median(smallest)
     assert np.isfinite(pgd_median)
     assert fab_median <= pgd_median, (fab_median, pgd_median)
+
+
+def test_spec_string_through_the_grammar_and_the_per_example_path():
+    s = grammar.parse_attack("fabt_8_50_r2_t3")
+    assert (s.method, s.eps, s.niter, s.targets, s.restarts, s.true_label, s.spec) == (
+        "fabt", 8, 50, 3, 2, True, "fabt_8_50_t3_r2")
+    assert grammar.parse_attack("fabt_16_100").targets == 0  # the default: 9, capped
+    assert "fabt_EPS_NITER[_tK][_rK]" in grammar.valid_forms()
+    with pytest.raises(ValueError, match="EPS must be in 1..255"):
+        grammar.parse_attack("fabt_0_10_t3")
+    # The engine's path: a template filled with a traced eps, one key per example, vmap.
+    x, y = _digits8(n=8)
+    template = grammar.template("fabt_8_5_t2")
+
+    @jax.jit
+    def attack(keys, eps):
+        spec = dataclasses.replace(template, eps=eps)
+        return grammar.generate_per_example(_mlp(), x, keys, spec, labels=y)
+
+    adv = np.asarray(attack(jax.random.split(jax.random.PRNGKey(0), 8), 8.0))
+    assert np.max(np.abs(adv - np.asarray(x))) <= 8 * 2 / 255 * (1 + 1e-5)
+    changed = np.any(adv != np.asarray(x), axis=(1, 2, 3))
+    assert changed.any() and not changed[:4].any()
+    assert np.all(np.asarray(common.margin(_mlp()(jnp.asarray(adv)), y))[changed] > 0)

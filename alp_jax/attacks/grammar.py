@@ -18,6 +18,7 @@ suffix); a suffix never changes what an attack targets.
 | ``apgdce_EPS_NITER[_tK][_rK]`` | APGD on cross-entropy (``_tK``: targeted) | true label |
 | ``apgddlr_EPS_NITER[_tK][_rK]`` | APGD on the DLR loss (``_tK``: APGD-T) | true label |
 | ``square_EPS_NQUERIES[_rK]`` | Square Attack, score-based black box | true label |
+| ``fabt_EPS_NITER[_tK][_rK]`` | FAB-T, minimal perturbation (``_t0``: 9 targets) | true label |
 
 The original's three specs keep their meaning exactly: ``pgd`` uses the model's own
 prediction as the label, ``pgdll``/``pgdrnd`` target the least likely / a random class;
@@ -87,6 +88,7 @@ FAMILIES: dict[str, Family] = {
     "apgddlr": Family(("EPS", "NITER"), "tr", "alp_jax.attacks.apgd:run", loss="dlr"),
     "square": Family(("EPS", "NQUERIES"), "r", "alp_jax.attacks.square:run", loss="margin",
                      black_box=True),
+    "fabt": Family(("EPS", "NITER"), "tr", "alp_jax.attacks.fab:run", loss="margin"),
 }
 
 
