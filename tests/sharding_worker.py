@@ -1,7 +1,9 @@
 """Run by tests/test_sharding.py in a subprocess with several forced CPU devices.
 
-Trains a few ALP steps of the small model on the same batches with meshes of different
-sizes and prints a JSON report (parameter differences, shardings, compile counts).
+Without arguments: trains a few ALP steps of the small model on the same batches with
+meshes of different sizes and prints a JSON report (parameter differences, shardings,
+compile counts). ``robustness CHECKPOINT`` instead evaluates the default robustness suite
+on 1 and 8 devices and at batch 32 and 50 and reports where the per-example results differ.
 """
 
 from __future__ import annotations
@@ -72,5 +74,33 @@ def main() -> None:
         print("BATCH_ERROR " + str(e))
 
 
+def robustness(checkpoint: str, num_examples: int = 40, eps: int = 16) -> None:
+    from alp_jax import checkpoints, engine, sharding
+    from alp_jax.data import digits
+    from alp_jax.model import create_model
+
+    model = create_model("resnet_v2_small", 10, conv_impl="im2col")
+    variables = checkpoints.load_variables(checkpoint, use_ema=False)
+    x, y = digits.load_split("validation", 16)
+    x, y = x[:num_examples], y[:num_examples]
+    devs = jax.devices()
+    runs = {}
+    for name, n_dev, batch in (("1dev_b32", 1, 32), ("8dev_b32", 8, 32), ("8dev_b50", 8, 50)):
+        mesh = sharding.make_mesh(1, devs[:n_dev])
+        r = engine.evaluate_suite(
+            engine.ModelLogits(model), engine.array_batches(x, y, batch, devices=n_dev),
+            engine.DEFAULT_ATTACKS, [eps], variables=variables, num_classes=10, mesh=mesh,
+            num_images=0)
+        runs[name] = engine.per_example_arrays(r)
+    ref = runs["1dev_b32"]
+    diffs = {name: {k: int(np.sum(v[k] != ref[k])) for k in ref} for name, v in runs.items()}
+    print("REPORT " + json.dumps({
+        "devices": len(devs), "columns": sorted(ref), "examples": int(len(ref["index"])),
+        "differences": diffs, "accuracy": {k: float(np.mean(v)) for k, v in ref.items()
+                                            if v.dtype == bool}}))
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["robustness"]:
+        sys.exit(robustness(sys.argv[2]))
     sys.exit(main())

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -58,6 +59,36 @@ def test_eight_devices_match_one_device():
     assert report["params_sharded_on_model_axis"] > 0
     batch_error = next(x for x in r.stdout.splitlines() if x.startswith("BATCH_ERROR "))
     assert "Global batch size 12 does not divide by the 8 devices" in batch_error
+
+
+def _robustness_checkpoint(trained_digits, path) -> str:
+    meta = {"model_name": "resnet_v2_small", "num_classes": 10, "config": {
+        "dataset": "digits", "dataset_image_size": 16, "moving_average_decay": -1.0,
+        "bounds": [-1.0, 1.0], "eval_batch_size": 16, "conv_impl": "im2col"}}
+    checkpoints.save_variables(str(path), jax.device_get(trained_digits.variables), meta)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_robustness_per_example_results_do_not_depend_on_devices_or_batch(trained_digits,
+                                                                          tmp_path):
+    """Every attack of the default suite, on the trained digits model: 8 forced CPU devices
+    vs 1, and batch 32 vs 50 (40 examples: a padded partial batch, and a split smaller
+    than a batch), give the same per-example answers."""
+    ckpt = _robustness_checkpoint(trained_digits, tmp_path / "ckpt")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharding_worker.py"),
+                        "robustness", ckpt], cwd=REPO, env=_env(8), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))
+    report = json.loads(line[len("REPORT "):])
+    assert report["devices"] == 8 and report["examples"] == 40
+    from alp_jax import engine
+
+    assert set(report["columns"]) >= {"clean", *engine.DEFAULT_ATTACKS}
+    for name, diff in report["differences"].items():
+        assert all(v == 0 for v in diff.values()), (name, diff)
+    assert report["accuracy"]["clean"] > 0.8  # a trained model, so the attacks have work
 
 
 def _params(output_dir: str) -> dict[str, np.ndarray]:
