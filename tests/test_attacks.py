@@ -322,3 +322,32 @@ def test_square_fools_an_undefended_model(trained_digits, resnet):
     adv, ok = resnet("square_16_1000")(x, y, jax.random.PRNGKey(0))
     _assert_in_ball(adv, x, 16 * 2 / 255, (-1, 1))
     assert np.mean(ok) <= clean - 0.5, (clean, np.mean(ok))
+
+
+def test_every_spec_in_the_readme_table_parses_formats_and_rescales():
+    """The README's spec table: each form is a family's form, each example parses and
+    formats back to itself, and ``with_eps(example, 8)`` is the documented last column."""
+    import os
+    import re
+
+    from alp_jax.attacks import grammar
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme) as f:
+        text = f.read()
+    table = text[text.index("| spec | attack | example | at eps 8 |"):]
+    rows = [r for r in table.split("\n\n")[0].splitlines()[2:] if r.startswith("|")]
+    forms = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        form, example, at8 = (re.sub(r"`", "", c) for c in (cells[0], cells[2], cells[3]))
+        forms.add(form)
+        assert form == grammar.form(example.split("_")[0])
+        assert grammar.format_spec(grammar.parse_attack(example)) == example
+        assert grammar.with_eps(example, 8).spec == at8
+        assert grammar.parse_attack(at8).spec == at8
+    assert forms == set(grammar.valid_forms()) - {"clean"}  # every family is documented
+    # _r1 / _t0 are the defaults; suffix order does not matter.
+    assert grammar.canonical("pgd_16_2_20_r1") == "pgd_16_2_20"
+    assert grammar.canonical("apgddlr_16_100_r2_t9") == "apgddlr_16_100_t9_r2"
