@@ -325,8 +325,9 @@ def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
     for an unknown or mistyped ``--config.field``, an override without ``--config``, and a
     flag value outside its config field's range (RANGES); returns the remaining arguments.
     """
-    overrides = [(a, m.group(1)) for a in argv if (m := _OVERRIDE.match(a))]
-    if overrides and not any(_CONFIG_GIVEN.match(a) for a in argv):
+    given = fv.read_flags_from_files(list(argv), force_gnu=False)  # as ml_collections reads
+    overrides = [(a, m.group(1)) for a in given if (m := _OVERRIDE.match(a))]
+    if overrides and not any(_CONFIG_GIVEN.match(a) for a in given):
         raise flags.Error(
             f"{overrides[0][0]} overrides a field of a config file: pass "
             "--config=configs/NAME.py (e.g. configs/digits_alp.py) before it.")
@@ -337,7 +338,7 @@ def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
     except Exception as e:  # noqa: BLE001 - see _override_error
         if not overrides:
             raise
-        raise flags.Error(_override_error(argv, overrides, fv, e)) from None
+        raise flags.Error(_override_error(given, overrides, fv, e)) from None
     if "config" in fv and fv["config"].value is not None:
         try:  # ml_collections defers a failed load of the file to the config's first use
             fv["config"].value.get("seed")

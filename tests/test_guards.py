@@ -76,6 +76,8 @@ def test_eval_of_a_model_with_fewer_classes_than_the_labels_stops(small_variable
     assert re.search(r"labels: label \d at index \d+ is outside \[0, 5\): the model has 5 "
                      r"classes \(does --config.num_classes match the data set\?\)", r.stderr), \
         r.stderr[-3000:]
+    assert "FATAL config error: evaluation labels: label" in r.stderr  # one line, no traceback
+    assert "Traceback" not in r.stderr
     assert not csv.exists()
 
 
