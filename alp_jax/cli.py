@@ -373,10 +373,18 @@ def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], Non
     from absl import app
 
     def guarded(argv: list[str]) -> Any:
+        from alp_jax import checkpoints, run_dir
+
         try:
             return main(argv)
         except ConfigError as e:
             sys.stderr.write(f"FATAL config error: {e}\n")
+            sys.exit(1)
+        except (checkpoints.CheckpointError, run_dir.OutputDirInUse,
+                run_dir.ResumeMismatch) as e:
+            # Damaged checkpoints, a busy or another run's directory: the message says
+            # what and where; a traceback would only bury it.
+            sys.stderr.write(f"FATAL: {e}\n")
             sys.exit(1)
 
     define_flags()
@@ -389,7 +397,12 @@ class _DropLibraryInfo:
     _NOISY = ("/orbax/", "/jax/_src/", "/etils/")
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(p in record.pathname for p in self._NOISY)
+        library = any(p in record.pathname for p in self._NOISY)
+        if library and record.levelno >= 40 and record.exc_info:
+            # Orbax logs each failed background write with its traceback (hundreds of
+            # lines for one full disk); the program reports the cause in one line.
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= 30 or not library
 
 
 def setup_logging() -> None:

@@ -5,7 +5,8 @@
 Uses ``configs/digits_baseline.py`` and ``configs/digits_alp.py`` (small ResNet-v2,
 scikit-learn's digits at 16x16; no download). Writes ``results.csv``, ``results.json``
 and ``results.png`` (bar chart) under the output directory and prints the table.
-Re-running resumes or reuses finished runs.
+Re-running resumes or reuses finished runs of the same settings; another --compute_dtype
+trains into its own directories (e.g. ``alp_bfloat16``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ def run_demo(output_dir: str, *, max_steps: int | None = None,
     rows = []
     for name, filename in RUNS:
         cfg = load_config_file(os.path.join(config_dir, filename))
-        cfg.output_dir = os.path.join(output_dir, name)
         if max_steps is not None:
             cfg.max_steps = max_steps
         if compute_dtype is not None:
             cfg.compute_dtype = compute_dtype
+        # One directory per compute dtype: a re-run in another dtype is another run (it
+        # would be refused as a resume with a changed config), not a reuse of the old one.
+        run_name = name if cfg.compute_dtype == "float32" else f"{name}_{cfg.compute_dtype}"
+        cfg.output_dir = os.path.join(output_dir, run_name)
         t0 = time.time()
         train(cfg)
         train_s = time.time() - t0

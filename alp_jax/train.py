@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -389,7 +390,16 @@ def main(argv: list[str]) -> None:
     cfg = config_from_flags()
     cli.validate_config(cfg, training=True)  # before anything is written or initialised
     cli.maybe_initialize_distributed()
-    train(cfg)
+    try:
+        train(cfg)
+    except (run_dir.OutputDirInUse, run_dir.ResumeMismatch, checkpoints.CheckpointError,
+            FloatingPointError) as e:
+        # One line, then exit at once: after a failed write Orbax still holds pending
+        # background writes, which would otherwise print hundreds of lines at shutdown.
+        logging.flush()
+        sys.stderr.write(f"FATAL: {e}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def run() -> None:

@@ -35,7 +35,9 @@ BASELINE = os.path.join(REPO, "configs", "digits_baseline.py")
 # A tiny clean run: 8x8 digits, batch 16 (the attack is not what these tests are about).
 TINY = ["--config.dataset_image_size=8", "--config.batch_size=16",
         "--config.eval_batch_size=32", "--config.log_every_steps=2",
-        "--config.save_summaries_steps=0", "--hparams=train_adv_method=clean"]
+        # Summaries every 2 steps write metrics.jsonl, which tells a test that steps run.
+        "--config.save_summaries_steps=2", "--config.num_summary_images=0",
+        "--hparams=train_adv_method=clean"]
 
 
 def load_config_file(path: str):
@@ -155,6 +157,8 @@ def test_second_run_into_the_same_output_dir_fails_and_the_first_is_untouched(tm
         assert r.returncode != 0
         assert "is in use by another run" in r.stderr
         assert first.poll() is None, "the first run must keep running"
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 240,
+                 "the first run to train", first)
         first.send_signal(signal.SIGTERM)
         assert first.wait(180) == 0
     finally:
@@ -402,3 +406,24 @@ def test_full_disk_is_one_clear_line(tmp_path):
     assert r.returncode != 0
     assert f"No space left on the device holding {mount / 'run'}" in r.stderr
     assert r.stderr.count("Traceback") <= 1, r.stderr[-5000:]
+
+
+def test_demo_in_another_compute_dtype_trains_its_own_runs(tmp_path, monkeypatch):
+    # The demo re-run with another --compute_dtype used to reuse the float32 runs.
+    from alp_jax import demo
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append((cfg.output_dir, cfg.compute_dtype))
+        raise Stop
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    for dtype in (None, "bfloat16"):
+        with pytest.raises(Stop):
+            demo.run_demo(str(tmp_path), max_steps=1, compute_dtype=dtype)
+    assert seen == [(str(tmp_path / "baseline"), "float32"),
+                    (str(tmp_path / "baseline_bfloat16"), "bfloat16")]
