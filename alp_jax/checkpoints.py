@@ -182,6 +182,22 @@ def _free_bytes(path: str) -> int | None:
         return None
 
 
+def _check_room(directory: str, state: Any) -> None:
+    # Refuse before Orbax starts: a write that fails half-way in its background threads
+    # is reported by them in hundreds of lines. (A race with other writers still ends in
+    # the one-line error of ``wait``.)
+    needed = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                 for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return
+    if usage.total > 0 and usage.free < needed:
+        raise CheckpointError(
+            f"No space left on the device holding {directory}: a checkpoint needs about "
+            f"{needed / 2**20:.1f} MiB, {usage.free / 2**20:.1f} MiB are free.")
+
+
 def _is_write_failure(e: BaseException) -> bool:
     text = str(e)
     while e is not None:
@@ -205,6 +221,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
         raise CheckpointError(f"Not saving step {step}: NaN or infinity in "
                               f"{', '.join(bad)}.")
     integrity = {name: f["checksum"] for name, f in fp.items()}
+    _check_room(str(mngr.directory), state)
     try:
         return mngr.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
@@ -362,7 +379,7 @@ def load_raw(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
         raise CheckpointDamaged(step_dir, _first_line(e)) from e
     finally:
         logging.getLogger("absl").removeFilter(quiet)
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         verify(tree, read_integrity(step_dir), step_dir)
     return tree, meta, step_dir
 
@@ -374,7 +391,7 @@ def _load_raw(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:
         target = jax.tree_util.tree_map(
             lambda m: np.zeros(m.shape, m.dtype), dict(tree_meta),
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]  # this process's: any process may load
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                            sharding=jax.sharding.SingleDeviceSharding(cpu)),

@@ -250,6 +250,11 @@ def test_damaged_checkpoint_is_reported_and_training_falls_back(tmp_path):
     # Evaluation (load_raw) refuses it by step instead of giving NaN weights.
     with pytest.raises(checkpoints.CheckpointDamaged, match=r"checkpoints/4 is damaged"):
         checkpoints.load_raw(out)
+    r = subprocess.run([sys.executable, "-m", "alp_jax.eval", f"--checkpoint_path={out}",
+                        "--num_examples=32"], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]  # it used to report 0.0000 with exit 0
+    assert "checkpoints/4 is damaged" in r.stderr and "Traceback" not in r.stderr
     # Training reports it, moves it aside and resumes from step 2.
     train_lib.train(tiny_config(out, max_steps=6, save_model_steps=2))
     assert checkpoints.steps(out) == [2, 4, 6]
