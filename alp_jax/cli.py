@@ -279,9 +279,10 @@ def _validate_config(cfg: Any, *, training: bool) -> None:
 def validate_evaluation_fields(cfg: Any) -> None:
     """Checks ``attack_seed``, ``num_examples`` and the ``robustness_*`` fields."""
     from alp_jax.attacks import grammar
-    from alp_jax.engine import suite
+    from alp_jax.engine import autoattack, suite
 
-    suite.parse_attack_list(cfg.robustness_attacks, "--attacks (robustness_attacks)")
+    if not autoattack.is_preset(cfg.robustness_attacks):
+        suite.parse_attack_list(cfg.robustness_attacks, "--attacks (robustness_attacks)")
     suite.parse_eps_list(cfg.robustness_eps, "--eps (robustness_eps)")
     grammar.parse_attack(cfg.robustness_large_eps_attack)
     if cfg.num_examples == 0 or cfg.num_examples < -1:
@@ -366,10 +367,47 @@ def _parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
         sys.exit(1)
 
 
-def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> None:
+def _default_text(flag: flags.Flag, field: str | None, defaults_from: str) -> str:
+    """What a flag whose absl default is None stands for when it is not given."""
+    defaults = config_lib.default_config()
+    if field is not None and field in defaults:
+        return f"(default: {field} of {defaults_from}; default_config(): {defaults[field]!r})"
+    if flag.name == "config":
+        return "(default: alp_jax/config.py default_config())"
+    return "(default: unset)"
+
+
+def declare_key_flags(names: Sequence[str], fv: flags.FlagValues = FLAGS, *,
+                      fields: dict[str, str] | None = None,
+                      defaults_from: str = "the config") -> None:
+    """Makes ``names`` the key flags of the running program, so ``--help`` lists them.
+
+    absl's ``--help`` lists the flags of the module it takes to be the main one
+    (``sys.argv[0]``); a console script's wrapper (``alp-train``) defines none, and the
+    shared flags live in this module, so the program states its flags here. A flag whose
+    default is None (it falls back to a config field) gets that fallback in its help;
+    ``fields`` maps the program's own flags to the config fields they set (default: each
+    flag sets the field of its name); the shared flags set the fields of their names.
+    """
+    for name in names:
+        flag = fv[name]
+        if flag.default is None and "default" not in (flag.help or "").lower():
+            if fields is None or name in COMMON_FLAGS:
+                field = name
+            else:
+                field = fields.get(name)
+            flag.help = f"{flag.help} {_default_text(flag, field, defaults_from)}"
+            flag.default_as_str = None  # absl would add "(default: 'None')"
+        fv.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], None], *,
+                fields: dict[str, str] | None = None,
+                defaults_from: str = "the config") -> None:
     """Defines the flags and runs ``main`` under ``absl.app``; a bad command line or config
     value (``parse_flags``, or ConfigError from ``main``) ends the program with one line
-    and status 1 instead of a traceback."""
+    and status 1 instead of a traceback. ``--help`` lists every flag ``define_flags``
+    defines (``declare_key_flags``) under the program module's docstring."""
     from absl import app
 
     def guarded(argv: list[str]) -> Any:
@@ -387,7 +425,14 @@ def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], Non
             sys.stderr.write(f"FATAL: {e}\n")
             sys.exit(1)
 
+    before = set(FLAGS)
     define_flags()
+    declare_key_flags([n for n in FLAGS if n not in before], fields=fields,
+                      defaults_from=defaults_from)
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not main_module.__doc__:
+        # A console script's wrapper has no docstring: absl's usage line shows the program's.
+        main_module.__doc__ = sys.modules[main.__module__].__doc__
     app.run(guarded, flags_parser=_parse_flags_or_exit)
 
 

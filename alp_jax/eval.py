@@ -244,7 +244,8 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point ``alp-eval``."""
-    cli.run_program(main, define_flags)
+    cli.run_program(main, define_flags, fields={n: n for n in _EVAL_FIELDS},
+                    defaults_from="the checkpoint's recorded config")
 
 
 if __name__ == "__main__":

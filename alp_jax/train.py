@@ -32,6 +32,7 @@ from alp_jax import (
     losses,
     objectives,
     pgd,
+    provenance,
     run_dir,
     sharding,
     steps,
@@ -119,6 +120,20 @@ def _format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _first_step(train_step, state, batch) -> tuple[Any, Any, float]:
+    """Runs the first step, logging the compile (the call returns once XLA has compiled;
+    execution is asynchronous) and the step's own time; returns (state, metrics, 1/time)."""
+    logging.info("Compiling the train step (the first step waits for it)...")
+    t0 = time.time()
+    state, metrics = train_step(state, batch["images"], batch["labels"])
+    t1 = time.time()
+    jax.block_until_ready(metrics)
+    t2 = time.time()
+    logging.info("Compiled the train step in %.1f s; the first step ran in %.2f s.",
+                 t1 - t0, t2 - t1)
+    return state, metrics, 1.0 / max(t2 - t1, 1e-9)
 
 
 def _first_bad_loss(history: list[tuple[int, dict[str, Any]]], ceiling: float
@@ -256,14 +271,18 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
         start_step=start_step), cfg.num_classes), mesh)
 
     # ---- loop ----
-    writer = summaries.SummaryWriter(out, enabled=is_main)
+    prov = provenance.record()
+    logging.info("Running %s.", provenance.describe(prov))
+    writer = summaries.SummaryWriter(out, enabled=is_main, provenance=prov)
     if is_main:
-        _write_json_atomic(os.path.join(out, "config.json"), json.loads(cfg.to_json()))
+        _write_json_atomic(os.path.join(out, "config.json"),
+                           {**json.loads(cfg.to_json()), "provenance": prov})
     max_steps = cfg.max_steps
     step = start_step
     history: list[tuple[int, dict[str, Any]]] = []
     last_saved = start_step if how == "resumed" else None
-    t_last, s_last = time.time(), step
+    t_last, s_last, first_rate = time.time(), step + 1, float("nan")
+    images_compiled = False
     weight = cfg.train_lp_weight if cfg.train_objective == "alp" else cfg.objective_weight
     logging.info("Training %s on %s: global batch %d on %d devices (%d processes), "
                  "objective %s (weight %g), attack %s, from step %d (%s) to %s.",
@@ -307,7 +326,11 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
     with Preemption() as preemption:
         while max_steps < 0 or step < max_steps:
             batch = next(batches)
-            state, metrics = train_step(state, batch["images"], batch["labels"])
+            if step == start_step:
+                state, metrics, first_rate = _first_step(train_step, state, batch)
+                t_last = time.time()  # steps/s and ETA from steady-state steps only
+            else:
+                state, metrics = train_step(state, batch["images"], batch["labels"])
             step += 1
             history.append((step, metrics))
             if preemption.reached(step):
@@ -323,7 +346,8 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
                 fetched = check_loss()
                 m = fetched[-1][1]
                 now = time.time()
-                rate = (step - s_last) / max(now - t_last, 1e-9)
+                rate = ((step - s_last) / max(now - t_last, 1e-9) if step > s_last
+                        else first_rate)  # no steady-state step timed yet
                 t_last, s_last = now, step
                 eta = (max_steps - step) / rate if max_steps > 0 and rate > 0 else float("nan")
                 if log_now and is_main:
@@ -339,8 +363,12 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
                 if summ_now:
                     writer.scalars(step, {**m, "global_step/sec": rate})
                     if n_img:
+                        t_img = time.time()
                         clean, adv = jax.device_get(summary_images(
                             state, batch["images"], batch["labels"]))
+                        if not images_compiled:  # its compile is no training time
+                            t_last += time.time() - t_img
+                            images_compiled = True
                         writer.images(step, "clean_images", clean, tuple(cfg.bounds))
                         writer.images(step, "adversarial_images", adv, tuple(cfg.bounds))
                     writer.flush()
