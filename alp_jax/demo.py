@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from alp_jax import checkpoints, cli
+from alp_jax import checkpoints, cli, provenance
 from alp_jax.eval import evaluate_specs
 from alp_jax.train import model_from_config, resolve_config, train
 
@@ -87,7 +87,8 @@ def format_table(rows: list[dict], attacks: tuple[str, ...]) -> str:
 
 
 def write_results(output_dir: str, rows: list[dict], attacks: tuple[str, ...]) -> None:
-    """results.json, results.csv and results.png, each written atomically."""
+    """results.json (``{"provenance", "results": rows}``), results.csv and results.png,
+    each written atomically."""
     os.makedirs(output_dir, exist_ok=True)
 
     def atomic(name: str, write) -> None:
@@ -97,8 +98,8 @@ def write_results(output_dir: str, rows: list[dict], attacks: tuple[str, ...]) -
         os.replace(tmp, path)
 
     def json_out(p):
-        with open(p, "w") as f:
-            json.dump(rows, f, indent=2)
+        with open(p, "w") as f:  # the rows, and which code and devices computed them
+            json.dump({"provenance": provenance.record(), "results": rows}, f, indent=2)
 
     def csv_out(p):
         with open(p, "w") as f:

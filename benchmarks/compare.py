@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -34,11 +35,22 @@ SHARED = ("model", "num_classes", "image_size", "batch", "attack", "lp_weight", 
           "steps", "warmup")
 
 
+def _provenance() -> dict[str, Any]:
+    """This checkout's revision and the host, for a peer's records (no JAX device)."""
+    sys.path.insert(0, str(HERE.parent))
+    from alp_jax import provenance
+
+    return {"alp_jax_revision": provenance.code_revision(), "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor()}
+
+
 def run(cmd: Sequence[str], json_path: str) -> list[dict[str, Any]]:
     """Runs one benchmark program; returns its JSON records (stderr passes through)."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for r in records:  # the peers (PyTorch, TF-slim) record their own framework's version
+        r.setdefault("provenance", _provenance())
     if proc.returncode != 0:
         print(f"(exit {proc.returncode}: {len(records)} records kept)", file=sys.stderr)
     if json_path:

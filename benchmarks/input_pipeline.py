@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make ``alp_jax`` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alp_jax import data  # noqa: E402
+from alp_jax import data, provenance  # noqa: E402
 
 PIPELINES = ("tiny_imagenet", "imagenet", "imagenet_tfds")
 
@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                        "images_per_s": round(timing["images_per_s"], 1),
                        "first_batch_s": round(timing["first_batch_s"], 2),
                        "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
-                       "machine": platform.machine()}
+                       "machine": platform.machine(),
+                       "provenance": provenance.record()}
                 print(json.dumps(row), flush=True)
                 results.append(row)
     print()

@@ -553,7 +553,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     import jax
 
-    from alp_jax import fast_inference  # noqa: F401 - registers the alp_fast objective
+    from alp_jax import (
+        fast_inference,  # noqa: F401 - registers the alp_fast objective
+        provenance,
+    )
+
+    prov = provenance.record()  # in every record: which code, libraries and devices
 
     on_cpu = jax.default_backend() == "cpu"
     args.peak_dtype = "float32" if on_cpu else "bfloat16"
@@ -571,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     if part == "clean" and attack != _csv(args.attack)[0]:
                         continue  # the clean step does not depend on the attack
                     rec = run_part(setup, part, batch, attack)
+                    rec["provenance"] = prov
                     records.append(rec)
                     line = json.dumps(rec, sort_keys=True)
                     print(line, flush=True)

@@ -73,6 +73,8 @@ def test_end_to_end_records_and_table():
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["images_per_s"] > 0 and r["compile_s"] > 0
+        prov = r["provenance"]  # which code, libraries and devices produced the number
+        assert prov["packages"]["jax"] and prov["device_count"] >= 1 and prov["alp_jax"]
         assert r["flops_per_step"] > 0 and 0 < r["share_of_peak"]
         assert r["xla_bytes"] > 0
         assert r["device"].startswith(jax.default_backend())

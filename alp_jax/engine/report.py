@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from alp_jax import provenance
 from alp_jax.attacks import grammar
 from alp_jax.attacks.grammar import Bounds
 from alp_jax.engine.suite import Progress, SuiteResult, save_per_example
@@ -128,6 +129,7 @@ def write_outputs(output_dir: str, result: SuiteResult, checks: list[dict[str, A
         "results.json", "results.csv", "per_example.npz", "robustness_curve.png",
         "adversarial_examples.png")}
     report = dict(info)
+    report.setdefault("provenance", provenance.record())  # which code and devices
     report.update({
         "num_examples": result.num_examples, "attacks": list(result.attacks),
         "eps": list(result.eps_list), "clean_accuracy": result.clean_accuracy,
