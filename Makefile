@@ -2,12 +2,16 @@
 #   make demo   trains and attacks a baseline and an ALP model on digits (CPU, minutes)
 #   make test   installs the test extras (TensorFlow for the data and parity tests) and
 #               runs ruff and the whole test suite
+#   make test-lower  the tests (not the slow ones) in $(LOWER_VENV), with the oldest
+#               supported JAX stack (constraints-lower.txt); not part of `make test`
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+LOWER_VENV ?= .venv-lower
+LOWER_PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-lower lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +35,15 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(PY) -m pytest -q -ra --durations=15 tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+# The lower bounds of pyproject.toml's JAX stack, installed exactly; the rest resolves to
+# the newest releases that fit them.
+test-lower:
+	test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
+	$(LOWER_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+	  -c constraints-lower.txt -e '.[test]'
+	$(LOWER_VENV)/bin/python -c "import jax, flax, optax, orbax.checkpoint as o; \
+	  print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
+	$(LOWER_VENV)/bin/python -m pytest -q -ra $(LOWER_PYTEST_ARGS) tests
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(LOWER_VENV) demo_out

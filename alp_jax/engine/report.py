@@ -59,12 +59,24 @@ def plot_curves(result: SuiteResult, path: str) -> None:
     import matplotlib.pyplot as plt
 
     eps = sorted(result.eps_list)
+    xs = np.array([0, *eps], float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for a in result.attacks:
-        ax.plot([0, *eps], [result.clean_accuracy] + [result.accuracy(a, e) for e in eps],
-                marker="o", linewidth=1.2, label=a)
-    ax.plot([0, *eps], [result.clean_accuracy] + [result.worst_accuracy(e) for e in eps],
-            color="black", linewidth=2.5, marker="s", label="worst case")
+    # The worst case first, as a wide grey band with a dashed black centre: an attack that
+    # equals it everywhere (common: the strongest one) stays visible on top of it.
+    worst = [result.clean_accuracy] + [result.worst_accuracy(e) for e in eps]
+    ax.plot(xs, worst, color="0.75", linewidth=7, solid_capstyle="round", zorder=1)
+    ax.plot(xs, worst, color="black", linewidth=1.5, linestyle="--", zorder=2,
+            label="worst case (per example, over all attacks)")
+    # Distinct markers and line styles, and a small horizontal offset per attack, so that
+    # attacks with equal accuracies do not hide each other.
+    markers, styles = "o^vsDP*Xh<>", ("-", "-.", ":", (0, (5, 1)))
+    span = max(xs[-1] - xs[0], 1.0)
+    n = len(result.attacks)
+    for i, a in enumerate(result.attacks):
+        shift = (i - (n - 1) / 2) * 0.008 * span
+        ax.plot(xs + shift, [result.clean_accuracy] + [result.accuracy(a, e) for e in eps],
+                marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
+                linewidth=1.2, markersize=6, markerfacecolor="none", zorder=3, label=a)
     ax.set_xlabel("eps (0..255 scale, L-inf)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -106,9 +118,12 @@ def plot_examples(result: SuiteResult, path: str, bounds: Bounds = (-1.0, 1.0),
                             color="green" if ok else "red")
             ax_p.imshow(np.clip(0.5 + 0.5 * (adv - clean[r]) / scale, 0, 1).squeeze(),
                         cmap="gray", vmin=0, vmax=1)
+            # The perturbation's own size, on the same 0..255 scale as eps.
+            size = float(np.max(np.abs(adv - clean[r]))) * 255.0 / (hi - lo)
+            ax_p.set_xlabel(f"max {size:.1f}/255", fontsize=6)
             if r == 0:
                 ax_a.set_title(a, fontsize=6)
-                ax_p.set_title("perturbation", fontsize=6)
+                ax_p.set_title(f"perturbation\nblack -{eps}, white +{eps}", fontsize=6)
     axes[0, 0].set_title("clean", fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
