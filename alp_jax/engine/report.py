@@ -53,14 +53,14 @@ def format_table(result: SuiteResult) -> str:
 
 def plot_curves(result: SuiteResult, path: str) -> None:
     """Accuracy vs eps per attack and for the worst case (eps 0 = clean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no backend switch or global state in the caller's
+    # process (a notebook's inline plots keep working).
+    from matplotlib.figure import Figure
 
     eps = sorted(result.eps_list)
     xs = np.array([0, *eps], float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     # The worst case first, as a wide grey band with a dashed black centre: an attack that
     # equals it everywhere (common: the strongest one) stays visible on top of it.
     worst = [result.clean_accuracy] + [result.worst_accuracy(e) for e in eps]
@@ -86,17 +86,15 @@ def plot_curves(result: SuiteResult, path: str) -> None:
     ax.set_title(f"Robustness curve ({result.num_examples} examples)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_examples(result: SuiteResult, path: str, bounds: Bounds = (-1.0, 1.0),
                   eps: int | None = None) -> None:
     """Grid: per example (row) the clean image, then per attack at ``eps`` (default: the
     largest) the adversarial image and its perturbation (grey = 0, scaled to +-eps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no backend switch or global state in the caller's
+    # process (a notebook's inline plots keep working).
+    from matplotlib.figure import Figure
 
     eps = max(result.eps_list) if eps is None else eps
     attacks = [a for a in result.attacks if not grammar.parse_attack(a).is_clean]
@@ -104,7 +102,8 @@ def plot_examples(result: SuiteResult, path: str, bounds: Bounds = (-1.0, 1.0),
     rows, cols = clean.shape[0], 1 + 2 * len(attacks)
     lo, hi = bounds
     show = lambda x: np.clip((x - lo) / (hi - lo), 0, 1).squeeze()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.3 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     scale = eps * (hi - lo) / 255.0
     for r in range(rows):
         axes[r, 0].imshow(show(clean[r]), cmap="gray", vmin=0, vmax=1)
@@ -131,7 +130,6 @@ def plot_examples(result: SuiteResult, path: str, bounds: Bounds = (-1.0, 1.0),
     fig.suptitle(f"Adversarial examples at eps {eps}/255", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_outputs(output_dir: str, result: SuiteResult, checks: list[dict[str, Any]],
