@@ -32,6 +32,7 @@ import jax
 import ml_collections
 
 from alp_jax import engine
+from alp_jax.engine import autoattack
 from alp_jax.engine import suite as suite_lib
 
 # Program flags -> config fields (layered over the checkpoint's recorded config).
@@ -72,8 +73,10 @@ def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_
     cli.validate_config(cfg, training=False)
     if not output_dir:
         raise ValueError("--output_dir is required.")
-    attacks = suite_lib.parse_attack_list(cfg.robustness_attacks, "robustness_attacks")
+    preset = autoattack.is_preset(cfg.robustness_attacks)
     eps = suite_lib.parse_eps_list(cfg.robustness_eps, "robustness_eps")
+    attacks = (autoattack.standard_specs(max(eps), cfg.num_classes) if preset else
+               suite_lib.parse_attack_list(cfg.robustness_attacks, "robustness_attacks"))
     if jax.process_index() == 0:
         check_writable(output_dir)
     step_dir = checkpoints.resolve(checkpoint_path)
@@ -100,14 +103,26 @@ def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_
         f"{cfg.dataset_image_size}px: all {total} examples in global batches of "
         f"{cfg.eval_batch_size} (the last one padded), over {mesh.shape[sharding.DATA]} "
         f"devices in {jax.process_count()} process(es).")
-    log(f"Attacks {', '.join(attacks)} at eps {', '.join(map(str, eps))}; "
-        f"masking probes {', '.join(probes.specs)}.")
+    log(("AutoAttack (standard): " if preset else "Attacks ")
+        + f"{', '.join(attacks)} at eps {', '.join(map(str, eps))}"
+        + (", each on the examples still robust" if preset else "")
+        + f"; masking probes {', '.join(probes.specs)}.")
     t0 = time.time()
-    result = engine.evaluate_suite(
-        engine.ModelLogits(model), batches, attacks, eps, variables=variables,
-        num_classes=cfg.num_classes, seed=cfg.attack_seed, bounds=tuple(cfg.bounds),
-        mesh=mesh, extra_specs=probes.specs, num_images=cfg.robustness_num_images,
-        total=total, progress=progress if jax.process_index() == 0 else None)
+    cascade = None
+    if preset:
+        cascade = autoattack.evaluate_autoattack(
+            engine.ModelLogits(model), batches, eps, variables=variables,
+            num_classes=cfg.num_classes, seed=cfg.attack_seed, bounds=tuple(cfg.bounds),
+            mesh=mesh, extra_specs=probes.specs, total=total,
+            progress=progress if jax.process_index() == 0 else None,
+            log=log if jax.process_index() == 0 else None)
+        result = cascade.suite
+    else:
+        result = engine.evaluate_suite(
+            engine.ModelLogits(model), batches, attacks, eps, variables=variables,
+            num_classes=cfg.num_classes, seed=cfg.attack_seed, bounds=tuple(cfg.bounds),
+            mesh=mesh, extra_specs=probes.specs, num_images=cfg.robustness_num_images,
+            total=total, progress=progress if jax.process_index() == 0 else None)
     if result.num_examples != total:
         raise RuntimeError(f"Evaluated {result.num_examples} examples, expected {total}.")
     seconds = time.time() - t0
@@ -123,10 +138,22 @@ def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_
                                    "dataset_image_size", "moving_average_decay",
                                    "compute_dtype")},
             "bounds": list(cfg.bounds)}
+    if cascade is not None:
+        info["autoattack"] = {"version": "standard", "cumulative_columns": True, "stages": {
+            str(e): [dict(name=st.name, spec=st.spec, attacked=st.attacked,
+                          robust_after=st.robust_after, seconds=st.seconds) for st in stages]
+            for e, stages in cascade.stages.items()}}
     paths: dict[str, str] = {}
     if jax.process_index() == 0:
         paths = engine.write_outputs(output_dir, result, checks, info, tuple(cfg.bounds))
+        if cascade is not None:
+            paths.update(write_autoattack_summaries(output_dir, cascade, cfg, step_dir))
         log(engine.format_table(result))
+        if cascade is not None:
+            log("AutoAttack's columns are cumulative: robust clean and under that attack and "
+                "every one before it (AutoAttack's 'robust accuracy after'); the last is the "
+                f"robust accuracy. Wrote autoattack_eps{{E}}.json for eps "
+                f"{', '.join(map(str, eps))}.")
         log(engine.format_checks(checks))
         compile_s = sum(result.compile_seconds.values())
         attack_s = sum(result.seconds.values())
@@ -134,7 +161,39 @@ def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_
             f"({result.num_examples / max(seconds, 1e-9):.2f} examples/s): compile "
             f"{compile_s:.0f}s, attacks {attack_s:.0f}s. Wrote {', '.join(paths.values())}.")
     return {"result": result, "checks": checks, "paths": paths, "probes": probes,
-            "num_examples": total}
+            "num_examples": total, "autoattack": cascade}
+
+
+def write_autoattack_summaries(output_dir: str, cascade: autoattack.AutoAttackResult,
+                               cfg: ml_collections.ConfigDict,
+                               checkpoint: str) -> dict[str, str]:
+    """``autoattack_eps{E}.json`` per eps: the RobustBench-style summary of the cascade."""
+    import json
+
+    paths = {}
+    for e in cascade.suite.eps_list:
+        summary = autoattack.robustbench_summary(
+            cascade, e, model=checkpoint, dataset=cfg.dataset, code_version=code_version(),
+            architecture=cfg.model_name, split=cfg.split_name, seed=cfg.attack_seed)
+        name = f"autoattack_eps{e}.json"
+        path = os.path.join(output_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+        os.replace(path + ".tmp", path)
+        paths[name] = path
+    return paths
+
+
+def code_version() -> str:
+    """``alp_jax VERSION`` plus the git commit (``+dirty`` when tracked files differ), from
+    ``alp_jax.provenance``."""
+    from alp_jax import __version__, provenance
+
+    rev = provenance.code_revision() or {}
+    commit = rev.get("commit")
+    if not commit:
+        return __version__
+    return f"{__version__}+{commit[:12]}{'.dirty' if rev.get('dirty') else ''}"
 
 
 # ---- flags ------------------------------------------------------------------------------
@@ -152,7 +211,9 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_string("output_dir", None, "Where to write results.{json,csv}, "
                         "per_example.npz and the PNGs.", flag_values=fv)
     flags.DEFINE_string("attacks", None, "Comma-separated attack specs, each run at every "
-                        f"--eps (default {','.join(engine.DEFAULT_ATTACKS)}).", flag_values=fv)
+                        f"--eps (default {','.join(engine.DEFAULT_ATTACKS)}), or "
+                        "'autoattack': AutoAttack's standard version, each attack on the "
+                        "examples still robust.", flag_values=fv)
     flags.DEFINE_string("eps", None, "Comma-separated eps, integers on the 0..255 scale "
                         "(default 2,4,8,16).", flag_values=fv)
     flags.DEFINE_integer("num_examples", None, "Examples to attack; -1: the whole split "

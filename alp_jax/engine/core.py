@@ -186,7 +186,7 @@ def _attack_fn(logits_fn: Callable, template: AttackSpec, bounds: Bounds,
     return run
 
 
-class _Compiled:
+class Compiled:
     """Ahead-of-time compiled functions by (name, input signature); compile time kept."""
 
     def __init__(self) -> None:
@@ -250,13 +250,16 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
                    specs: Sequence[str | AttackSpec], *, num_classes: int, seed: int = 0,
                    bounds: Bounds = (-1.0, 1.0), mesh: Any = None, num_images: int = 0,
                    total: int | None = None,
-                   progress: Callable[[Progress], None] | None = None) -> PerExample:
+                   progress: Callable[[Progress], None] | None = None,
+                   cache: Compiled | None = None) -> PerExample:
     """Per-example top-1 / top-5 correctness under each spec (``clean`` always included).
 
     ``logits_fn(variables, x)`` gives inference-mode logits (``ModelLogits``);
     ``batches`` are local padded batches (``split_batches``, ``array_batches``) or plain
     ``{'images', 'labels'}`` batches of one process. Every host batch's labels are
-    checked against ``num_classes`` before anything runs on it.
+    checked against ``num_classes`` before anything runs on it. ``cache`` keeps compiled
+    programs across calls (a caller's own ``Compiled()``, e.g. for an unhashable
+    ``logits_fn`` evaluated several times).
     """
     mesh = mesh or sharding.make_mesh()
     canon = list(dict.fromkeys(["clean", *(grammar.canonical(s) for s in specs)]))
@@ -267,10 +270,11 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
     base = jax.random.PRNGKey(seed)
     spec_keys = {s: np.asarray(jax.random.fold_in(base, grammar.seed_index(s)))
                  for s in canon if s != "clean"}
-    hashable = _is_hashable(logits_fn)
+    hashable = is_hashable(logits_fn)
     # Compiled programs are shared across calls only for a hashable logits_fn (one that
     # names its model, e.g. ModelLogits); otherwise they live for this call.
-    cache = _COMPILED if hashable else _Compiled()
+    if cache is None:
+        cache = _COMPILED if hashable else Compiled()
     compile_s: dict[str, float] = {}
     attack_s = dict.fromkeys(canon, 0.0)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "labels")}
@@ -349,10 +353,10 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
         adv_images=adv_images, wall_seconds=time.time() - t0)
 
 
-_COMPILED = _Compiled()
+_COMPILED = Compiled()
 
 
-def _is_hashable(x: Any) -> bool:
+def is_hashable(x: Any) -> bool:
     try:
         hash(x)
     except TypeError:
