@@ -24,7 +24,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from alp_jax import checkpoints, cli, data, engine, sharding, summaries
+from alp_jax import checkpoints, cli, data, engine, provenance, sharding, summaries
 from alp_jax.attacks import grammar
 from alp_jax.model import create_model
 
@@ -155,7 +155,8 @@ def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None,
                  result["top5"], result["count"])
     if jax.process_index() == 0:
         if summary_dir:
-            w = summaries.SummaryWriter(summary_dir)
+            # One writer per evaluation: each record says which code and devices computed it.
+            w = summaries.SummaryWriter(summary_dir, provenance=provenance.record())
             w.scalars(step, {"eval/Accuracy": result["top1"], "eval/Recall_5": result["top5"]})
             w.close()
         if output_file:
