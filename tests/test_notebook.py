@@ -94,6 +94,25 @@ def test_notebook_is_colab_ready() -> None:
         assert "configs/" not in src and "examples/" not in src, src[:80]
 
 
+def test_install_cell_finds_the_checkout_and_keeps_the_installed_jax(tmp_path: Path) -> None:
+    """The install cell's helpers, run on their own (the tests' kernel has alp_jax, so the
+    notebook run never reaches the install): the clone is found from any directory inside
+    it and not elsewhere, and the command pins the installed jax and jaxlib."""
+    import importlib.metadata
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(c.source for c in nb.cells if c.cell_type == "code")
+    helpers = first[:first.index("\ntry:\n")]  # the definitions, not the install itself
+    scope: dict = {}
+    exec(compile(helpers, "install cell", "exec"), scope)  # noqa: S102 - our own notebook
+    assert scope["find_checkout"](str(REPO / "examples")) == str(REPO)
+    assert scope["find_checkout"](str(tmp_path)) is None
+    command = scope["install_command"]("SRC")
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and "SRC" in command
+    for name in ("jax", "jaxlib"):
+        assert f"{name}=={importlib.metadata.version(name)}" in command
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Executes every cell; the ALP model must learn, resist PGD less than clean, and plot."""
