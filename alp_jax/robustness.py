@@ -279,7 +279,8 @@ def run() -> None:
     """Console entry point ``alp-robustness``."""
     from alp_jax import cli
 
-    cli.run_program(main, define_flags)
+    cli.run_program(main, define_flags, fields=FLAG_FIELDS,
+                    defaults_from="the checkpoint's recorded config")
 
 
 if __name__ == "__main__":
