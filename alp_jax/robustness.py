@@ -13,6 +13,12 @@ counts: the last partial batch is padded and masked. Writes ``results.json``,
 ``results.csv``, ``per_example.npz``, ``robustness_curve.png`` and
 ``adversarial_examples.png`` to ``--output_dir`` and prints a table and the masking checks.
 
+``--attacks=autoattack`` runs AutoAttack's standard version instead
+(``alp_jax.engine.autoattack``: APGD-CE, APGD-T, FAB-T, Square, each on the examples still
+robust) at each eps, with the same masking probes, and also writes
+``autoattack_eps{E}.json`` (RobustBench-style: eps on the [0, 1] scale, clean and robust
+accuracy, the per-attack accuracies in order, the code version); no image grid.
+
 The settings are config fields (``robustness_*``, ``attack_seed``, ``eval_batch_size``,
 ``num_examples``, ``split_name``; ``alp_jax.config``), built as ``alp_jax.eval`` builds its
 config: the checkpoint's recorded config, then the shared flags. The engine
