@@ -176,11 +176,14 @@ def write_autoattack_summaries(output_dir: str, cascade: autoattack.AutoAttackRe
     """``autoattack_eps{E}.json`` per eps: the RobustBench-style summary of the cascade."""
     import json
 
+    from alp_jax import provenance
+
     paths = {}
     for e in cascade.suite.eps_list:
         summary = autoattack.robustbench_summary(
             cascade, e, model=checkpoint, dataset=cfg.dataset, code_version=code_version(),
             architecture=cfg.model_name, split=cfg.split_name, seed=cfg.attack_seed)
+        summary.setdefault("provenance", provenance.record())  # libraries and devices too
         name = f"autoattack_eps{e}.json"
         path = os.path.join(output_dir, name)
         with open(path + ".tmp", "w") as f:
