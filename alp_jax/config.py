@@ -12,13 +12,7 @@ from typing import Any
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config or command-line value is invalid; the message names it and what is valid.
-
-    The programs (``cli.run_program``) print the message alone, not a traceback.
-    """
-
+from alp_jax.errors import ConfigError
 
 # The original's hyperparameters (settable through --hparams), with its defaults.
 HPARAMS: dict[str, Any] = {

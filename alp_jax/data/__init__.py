@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from alp_jax.config import ConfigError
+from alp_jax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 
