@@ -52,8 +52,11 @@ def initialize_distributed(coordinator_address: str | None = None,
     except Exception:  # noqa: BLE001 (option absent on some builds)
         pass
     # JAX's own limits sit above ours, so that ours fire first with a clear message.
-    kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s) + 60,
-                              "heartbeat_timeout_seconds": int(heartbeat_timeout_s) + 30}
+    import inspect
+
+    kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s) + 60}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s) + 30  # jax >= 0.7
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id.")
@@ -86,7 +89,13 @@ def initialize_distributed(coordinator_address: str | None = None,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
     if jax.process_count() > 1:
-        PeerWatchdog(heartbeat_timeout_s, coordinator_address or "auto-detected").start()
+        from jax._src import distributed
+
+        if hasattr(distributed.global_state.client, "key_value_increment"):
+            PeerWatchdog(heartbeat_timeout_s, coordinator_address or "auto-detected").start()
+        else:  # older jaxlib: JAX's own heartbeat (and its native abort) is all there is
+            logging.warning("This jaxlib's coordination client has no key_value_increment: "
+                            "no peer watchdog; a lost process ends the others natively.")
 
 
 def _exit_with(message: str, status: int = EXIT_CLUSTER_FAILED) -> None:
