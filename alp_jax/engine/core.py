@@ -165,7 +165,7 @@ def _clean_fn(logits_fn: Callable, num_images: int) -> Callable:
                 "zero_entries": jnp.where(mask, jnp.sum(zero, -1), 0),
                 "all_zero": jnp.all(zero, -1) & mask,
                 "images": images[:num_images], "mask": mask, "labels": labels,
-                "index": index}
+                "index": index, "pred": jnp.argmax(logits[:num_images], -1)}
 
     return run
 
@@ -181,7 +181,7 @@ def _attack_fn(logits_fn: Callable, template: AttackSpec, bounds: Bounds,
         k = min(5, logits.shape[-1])
         return {"top1": losses.topk_correct(logits, labels, 1) & mask,
                 "top5": losses.topk_correct(logits, labels, k) & mask,
-                "images": adv[:num_images]}
+                "images": adv[:num_images], "pred": jnp.argmax(logits[:num_images], -1)}
 
     return run
 
@@ -228,6 +228,9 @@ class PerExample:
     clean_images: np.ndarray
     adv_images: dict[str, np.ndarray]
     wall_seconds: float = 0.0
+    # Top-1 predictions of the images above (the adversarial-example grid shows them).
+    clean_predictions: np.ndarray | None = None
+    adv_predictions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -283,6 +286,8 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
     zero_entries = zero_examples = entries = 0
     clean_images: np.ndarray | None = None
     adv_images: dict[str, np.ndarray] = {}
+    clean_pred: np.ndarray | None = None
+    adv_pred: dict[str, np.ndarray] = {}
     running = dict.fromkeys(canon, 0)
     t0 = time.time()
     done = 0
@@ -312,6 +317,7 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
         entries += int(np.sum(keep)) * int(np.prod(g["images"].shape[1:]))
         if bi == 0 and k_img:
             clean_images = np.asarray(res["images"])
+            clean_pred = np.asarray(res["pred"])
         for s in canon:
             spec = parsed[s]
             if spec.is_clean:
@@ -332,6 +338,7 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
             top5[s].append(np.asarray(res["top5"])[keep])
             if bi == 0 and k_img:
                 adv_images[s] = np.asarray(res["images"])
+                adv_pred[s] = np.asarray(res["pred"])
         done += int(np.sum(keep))
         for s in canon:
             running[s] += int(np.sum(top1[s][-1]))
@@ -350,7 +357,8 @@ def evaluate_specs(logits_fn: Callable, variables: Any, batches: Iterable[Batch]
         zero_grad_examples=zero_examples / max(done, 1), compile_seconds=compile_s,
         attack_seconds=attack_s,
         clean_images=clean_images if clean_images is not None else np.zeros((0,)),
-        adv_images=adv_images, wall_seconds=time.time() - t0)
+        adv_images=adv_images, wall_seconds=time.time() - t0,
+        clean_predictions=clean_pred, adv_predictions=adv_pred)
 
 
 _COMPILED = Compiled()

@@ -107,13 +107,17 @@ def plot_examples(result: SuiteResult, path: str, bounds: Bounds = (-1.0, 1.0),
     scale = eps * (hi - lo) / 255.0
     for r in range(rows):
         axes[r, 0].imshow(show(clean[r]), cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].set_ylabel(f"label {result.labels[r]}", fontsize=7)
+        cp = result.clean_predictions
+        axes[r, 0].set_ylabel(f"label {result.labels[r]}"
+                              + (f", pred {cp[r]}" if cp is not None else ""), fontsize=7)
         for j, a in enumerate(attacks):
             adv = result.adv_images[result.grid[(a, eps)]][r]
             ok = result.correct[result.grid[(a, eps)]][r]
             ax_a, ax_p = axes[r, 1 + 2 * j], axes[r, 2 + 2 * j]
             ax_a.imshow(show(adv), cmap="gray", vmin=0, vmax=1)
-            ax_a.set_xlabel("robust" if ok else "fooled", fontsize=6,
+            pred = result.adv_predictions.get(result.grid[(a, eps)])
+            ax_a.set_xlabel((f"pred {pred[r]}: " if pred is not None else "")
+                            + ("robust" if ok else "fooled"), fontsize=6,
                             color="green" if ok else "red")
             ax_p.imshow(np.clip(0.5 + 0.5 * (adv - clean[r]) / scale, 0, 1).squeeze(),
                         cmap="gray", vmin=0, vmax=1)

@@ -39,6 +39,8 @@ class SuiteResult:
     adv_images: dict[str, np.ndarray]
     index: np.ndarray | None = None  # each example's index in the split
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    clean_predictions: np.ndarray | None = None  # top-1 of clean_images
+    adv_predictions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -120,7 +122,8 @@ def evaluate_suite(logits_fn: Callable, batches: Iterable[core.Batch], attacks: 
         seconds={s: round(v, 3) for s, v in r.attack_seconds.items()},
         zero_grad_fraction=r.zero_grad_fraction, zero_grad_examples=r.zero_grad_examples,
         clean_images=r.clean_images, adv_images=r.adv_images, index=r.index,
-        compile_seconds={s: round(v, 3) for s, v in r.compile_seconds.items()})
+        compile_seconds={s: round(v, 3) for s, v in r.compile_seconds.items()},
+        clean_predictions=r.clean_predictions, adv_predictions=r.adv_predictions)
 
 
 # ---- per-example files -------------------------------------------------------------------
