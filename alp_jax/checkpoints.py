@@ -36,6 +36,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the path."""
 
 
+class NonFiniteState(CheckpointError):
+    """``save`` was given a state holding NaN or infinity (``groups`` names where)."""
+
+    def __init__(self, step: int, groups: list[str]):
+        self.step, self.groups = int(step), list(groups)
+        super().__init__(f"Not saving step {step}: NaN or infinity in {', '.join(groups)}.")
+
+
 class CheckpointDamaged(CheckpointError):
     """A checkpoint exists but does not hold what was saved (or holds non-finite values)."""
 
@@ -218,8 +226,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
     fp = fingerprint(state)
     bad = [name for name, f in fp.items() if not f["finite"]]
     if bad:
-        raise CheckpointError(f"Not saving step {step}: NaN or infinity in "
-                              f"{', '.join(bad)}.")
+        raise NonFiniteState(step, bad)
     integrity = {name: f["checksum"] for name, f in fp.items()}
     _check_room(str(mngr.directory), state)
     try:

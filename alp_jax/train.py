@@ -315,12 +315,12 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
         check_loss()
         if last_saved == step:
             return
-        bad = checkpoints.non_finite_groups(state)
-        if bad:
+        try:  # save fingerprints the state once: checksums and the finiteness check
+            checkpoints.save(mngr, step, state, checkpoint_meta(cfg, step), force=True)
+        except checkpoints.NonFiniteState as e:
             raise FloatingPointError(
-                f"NaN or infinity in {', '.join(bad)} after step {step} although the loss "
-                f"was finite; not saving it. {last_good()}")
-        checkpoints.save(mngr, step, state, checkpoint_meta(cfg, step), force=True)
+                f"NaN or infinity in {', '.join(e.groups)} after step {step} although the "
+                f"loss was finite; not saving it. {last_good()}") from None
         last_saved = step
 
     with Preemption() as preemption:
