@@ -8,11 +8,12 @@ so ``--hparams="train_adv_method=pgdll_16_2_10,train_lp_weight=0.5"`` still work
 from __future__ import annotations
 
 import ast
-from typing import Any
-
-import ml_collections
+from typing import TYPE_CHECKING, Any
 
 from alp_jax.errors import ConfigError
+
+if TYPE_CHECKING:  # ml_collections is imported where a ConfigDict is built: HPARAMS and
+    import ml_collections  # the parsers import without it (the benchmark's device image)
 
 # The original's hyperparameters (settable through --hparams), with its defaults.
 HPARAMS: dict[str, Any] = {
@@ -37,6 +38,8 @@ HPARAMS: dict[str, Any] = {
 
 def default_config() -> ml_collections.ConfigDict:
     """All fields a run reads, with the original's defaults."""
+    import ml_collections
+
     c = ml_collections.ConfigDict()
     for k, v in HPARAMS.items():
         c[k] = list(v) if isinstance(v, list) else v

@@ -177,33 +177,45 @@ def trades_objective(label_smoothing: float, beta: float, mixed: bool) -> Object
     return Objective(trades_craft, loss)
 
 
-_REGISTRY: dict[str, Callable[[Any, bool], Objective]] = {
-    "alp": lambda config, mixed: alp_objective(
-        config.label_smoothing, config.train_lp_weight, mixed),
-    "clp": lambda config, mixed: clp_objective(
-        config.label_smoothing, config.objective_weight, mixed),
-    "lsq": lambda config, mixed: lsq_objective(
-        config.label_smoothing, config.objective_weight, mixed),
-    "trades": lambda config, mixed: _checked_trades(config, mixed),
+# name -> factory(label_smoothing, weight, mixed); the weight is the term's coefficient.
+_REGISTRY: dict[str, Callable[[float, float, bool], Objective]] = {
+    "alp": alp_objective,
+    "clp": clp_objective,
+    "lsq": lsq_objective,
+    "trades": trades_objective,
 }
 
 
-def _checked_trades(config: Any, mixed: bool) -> Objective:
-    if mixed:  # the spec's error now, not when the step is traced
-        trades_spec(config.train_adv_method)
-    return trades_objective(config.label_smoothing, config.objective_weight, mixed)
-
-
-def register_objective(name: str, factory: Callable[[Any, bool], Objective]) -> None:
-    """Adds ``train_objective=name``; ``factory(config, mixed)`` builds it."""
+def register_objective(name: str, factory: Callable[[float, float, bool], Objective]) -> None:
+    """Adds ``train_objective=name``; ``factory(label_smoothing, weight, mixed)`` builds it."""
     _REGISTRY[name] = factory
 
 
-def get_objective(config: Any) -> Objective:
-    """The objective named by ``config.train_objective`` (default ``alp``)."""
-    name = config.get("train_objective", "alp")
+def make_objective(name: str, attack: str | AttackSpec, *, label_smoothing: float = 0.1,
+                   weight: float = 0.0) -> Objective:
+    """The objective ``name`` (``alp``, ``clp``, ``lsq``, ``trades``, or a registered one)
+    for training with ``attack`` (``clean`` trains on clean images only); ``weight`` is
+    its extra term's coefficient (ALP's logit-pairing weight, CLP's, LSQ's, TRADES' beta).
+    """
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown train_objective {name!r}; valid: {', '.join(sorted(_REGISTRY))}.")
-    mixed = not parse_attack(config.train_adv_method).is_clean
-    return _REGISTRY[name](config, mixed)
+    spec = parse_attack(attack)
+    if name == "trades" and not spec.is_clean:
+        trades_spec(spec)  # the spec's error now, not when the step is traced
+    return _REGISTRY[name](label_smoothing, weight, not spec.is_clean)
+
+
+def weight_field(name: str) -> str:
+    """The config field holding objective ``name``'s weight: the original's
+    ``train_lp_weight`` for ``alp``, ``objective_weight`` for the others."""
+    return "train_lp_weight" if name == "alp" else "objective_weight"
+
+
+def get_objective(config: Any) -> Objective:
+    """``make_objective`` with a config's ``train_objective`` (default ``alp``),
+    ``train_adv_method``, ``label_smoothing`` and weight (``weight_field``)."""
+    name = config.get("train_objective", "alp")
+    return make_objective(name, config.train_adv_method,
+                          label_smoothing=config.label_smoothing,
+                          weight=getattr(config, weight_field(name), 0.0))

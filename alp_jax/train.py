@@ -250,7 +250,7 @@ def _train(cfg: ml_collections.ConfigDict, out: str) -> ts.TrainState:
     mngr = checkpoints.manager(out, max_to_keep=cfg.keep_checkpoints, async_save=True)
 
     # ---- steps ----
-    train_step = sharding.jit_train_step(steps.make_train_step(cfg, model), state_sh, mesh)
+    train_step = sharding.jit_train_step(steps.train_step_from_config(cfg, model), state_sh, mesh)
     objective = objectives.get_objective(cfg)
     attack = pgd.parse_attack(cfg.train_adv_method)
     n_img = max(0, min(cfg.num_summary_images, local_batch))

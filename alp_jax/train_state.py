@@ -227,9 +227,12 @@ def trainable_mask_fn(trainable_scopes: Sequence[str] | str | None
     return lambda params: slim_names.scope_mask(params, scopes)
 
 
-def optimizer_from_config(config: Any, examples_per_epoch: int
+def optimizer_from_config(config: Any, examples_per_epoch: int | None = None
                           ) -> tuple[optax.GradientTransformation, Schedule]:
-    """The optimizer and learning-rate schedule a config asks for."""
+    """The optimizer and learning-rate schedule a config asks for (``examples_per_epoch``
+    defaults to the config's)."""
+    if examples_per_epoch is None:
+        examples_per_epoch = config.examples_per_epoch
     if examples_per_epoch <= 0:
         raise ValueError(f"examples_per_epoch must be positive, got {examples_per_epoch}; "
                          "set config.examples_per_epoch or use train.resolve_config().")

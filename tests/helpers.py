@@ -100,7 +100,7 @@ class CountedStep:
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, model: ResNetV2) -> CountedStep:
-        raw = steps.make_train_step(config, model)
+        raw = steps.train_step_from_config(config, model)
         counted = cls(fn=lambda *a: None)
 
         def traced(*args):

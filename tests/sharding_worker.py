@@ -45,7 +45,7 @@ def main() -> None:
         abstract = jax.eval_shape(fresh, jax.random.PRNGKey(0))
         sh = sharding.state_sharding(abstract, mesh)
         state = jax.jit(fresh, out_shardings=sh)(jax.random.PRNGKey(0))
-        step = sharding.jit_train_step(steps.make_train_step(cfg, model), sh, mesh)
+        step = sharding.jit_train_step(steps.train_step_from_config(cfg, model), sh, mesh)
         specs = []
         for b in batches:
             g = sharding.global_batch(b, mesh)

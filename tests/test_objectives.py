@@ -171,7 +171,7 @@ def test_digits_config_trains_without_nan(name, small_variables):
     cfg.examples_per_epoch = digits.num_examples("train")
     model = helpers.small_model(bn_decay=cfg.bn_decay)
     state = helpers.new_state(cfg, model, variables=small_variables)
-    step = jax.jit(steps.make_train_step(cfg, model))
+    step = jax.jit(steps.train_step_from_config(cfg, model))
     it = digits.train_iterator(cfg.dataset_image_size, cfg.batch_size, seed=0)
     term = {"clp": "loss_clp", "lsq": "loss_lsq", "trades": "loss_kl"}[name]
     history = []

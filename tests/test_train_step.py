@@ -300,3 +300,55 @@ def test_topk_correct_matches_stable_top_k():
         np.testing.assert_array_equal(losses.topk_correct(logits, labels, k), want)
     np.testing.assert_array_equal(losses.topk_correct(logits, labels, 1),
                                   np.argmax(logits, -1) == labels)
+
+
+# ---- make_train_step with plain arguments: a user's own optax optimizer ---------------------
+
+def test_custom_optax_optimizer_through_make_train_step():
+    """``optax.adamw`` (its state has no ``count`` of ours, its own weight decay) drives the
+    step: the first update equals adamw's update of the gradient of the step's own loss,
+    computed here independently, and frozen parameters stay put whatever adamw does."""
+    import optax
+
+    model = helpers.small_model()
+    variables = helpers.init_small_variables()
+    # eps well above the smallest gradients: Adam's first step is g / (|g| + eps), which
+    # for |g| ~ eps turns float rounding into visible differences.
+    tx = optax.adamw(1e-3, eps=1e-3, weight_decay=1e-2)
+    images, labels = helpers.digits_split("train")
+    x, y = jnp.asarray(images[:16]), jnp.asarray(labels[:16])
+    objective = objectives.make_objective("alp", "clean", label_smoothing=0.0)
+    step = jax.jit(steps.make_train_step(model, tx, None, objective, "clean"))
+    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), helpers.IMAGE_SIZE,
+                                  moving_average_decay=-1.0,
+                                  variables=jax.tree_util.tree_map(jnp.copy, variables))
+
+    def loss(params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                x, train=True, mutable=["batch_stats"])
+        return losses.smoothed_cross_entropy(logits, y, 0.0)
+
+    grads = jax.grad(loss)(variables["params"])
+    want_updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+    want = optax.apply_updates(variables["params"], want_updates)
+    new, metrics = step(state, x, y)
+    np.testing.assert_allclose(metrics["total_loss"], loss(variables["params"]), rtol=1e-5)
+    assert "learning_rate" not in metrics and "current_epoch" not in metrics
+    for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(want),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for _ in range(2):
+        new, metrics = step(new, x, y)
+    assert int(new.step) == 3 and np.isfinite(metrics["total_loss"])
+
+    # A trainable mask freezes everything outside it, even under adamw's decoupled decay.
+    mask = ts.trainable_mask_fn(LOGITS_SCOPE)
+    frozen = jax.jit(steps.make_train_step(model, tx, None, objective, "clean",
+                                           trainable_mask=mask, weight_decay=1e-4))
+    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), helpers.IMAGE_SIZE,
+                                  moving_average_decay=-1.0,
+                                  variables=jax.tree_util.tree_map(jnp.copy, variables))
+    out, _ = frozen(state, x, y)
+    before, after = _flat_params(state), _flat_params(out)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(k.startswith(LOGITS_SCOPE) for k in moved), sorted(moved)[:3]
