@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -247,6 +248,54 @@ def wait(mngr: ocp.CheckpointManager) -> None:
         if _is_write_failure(e):
             raise CheckpointError(_os_error_text(e, str(mngr.directory))) from None
         raise
+
+
+class Checkpointer:
+    """The checkpoints of one training run: asynchronous saves to ``<output_dir>/checkpoints``
+    that refuse a state with NaN or infinity, and ``last_good()``, the sentence naming
+    the newest checkpoint that really was written (for the run's error messages).
+
+    ``last_saved``: the step already on disk when the run resumed from it (None for a
+    fresh run). As a context manager it waits for pending writes and closes on a normal
+    exit; after an error it leaves the writes alone (the program reports and exits).
+    """
+
+    def __init__(self, output_dir: str, *, keep: int, meta: Callable[[int], dict[str, Any]],
+                 last_saved: int | None = None):
+        self.output_dir, self.meta, self.last_saved = output_dir, meta, last_saved
+        self.mngr = manager(output_dir, max_to_keep=keep, async_save=True)
+
+    def save(self, step: int, state: Any) -> None:
+        """Saves ``state`` as ``step`` unless that step is already saved; FloatingPointError
+        (naming the last good checkpoint) for a state with NaN or infinity."""
+        if self.last_saved == step:
+            return
+        try:  # save fingerprints the state once: checksums and the finiteness check
+            save(self.mngr, step, state, self.meta(step), force=True)
+        except NonFiniteState as e:
+            raise FloatingPointError(
+                f"NaN or infinity in {', '.join(e.groups)} after step {step} although the "
+                f"loss was finite; not saving it. {self.last_good()}") from None
+        self.last_saved = step
+
+    def last_good(self) -> str:
+        """Where the newest checkpoint on disk is (after waiting for pending writes)."""
+        wait(self.mngr)
+        where = checkpoint_dir(self.output_dir)
+        if self.last_saved is None:
+            return f"No checkpoint was saved in {where}."
+        return f"The last good checkpoint is step {self.last_saved} in {where}."
+
+    def close(self) -> None:
+        wait(self.mngr)
+        self.mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -1,9 +1,11 @@
 """Flags shared by the programs, and how they layer onto a config.
 
-Precedence: ``--config`` file (default: ``alp_jax.config.default_config()``), then
-``--config.field=value`` overrides, then the original's flags (``--dataset``,
-``--hparams="k=v,..."``, ...) when given. ``validate_config`` checks everything before a
-program writes anything.
+Precedence (the README's table): ``alp_jax.config.default_config()``, then the
+``--config`` file (for evaluation, the checkpoint's recorded config), then the command
+line: ``--config.field=value``, the original's flags (``--dataset``, ``--output_dir``, ...)
+and ``--hparams="k=v,..."``, all of equal rank: one field given two ways with different
+values is an error naming both (``command_line_values``). ``validate_config`` checks
+everything before a program writes anything, through each value's owner.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -41,8 +42,13 @@ def define_common_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Defines the flags both programs share on ``fv`` (tests pass a fresh FlagValues)."""
     from ml_collections import config_flags
 
+    from alp_jax import configs
+
     config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file (configs/NAME.py); fields can be "
+        "config", None, "Experiment config: a shipped name FAMILY_VARIANT, FAMILY one of "
+        f"{', '.join(configs.FAMILIES)} and VARIANT one of {', '.join(configs.VARIANTS)} "
+        "(e.g. digits_alp; alp_jax/configs/), or the path of a config file with a "
+        "get_config() (path/to/my_config.py, optionally :ARG for get_config); fields can be "
         "overridden with --config.field=value.", lock_config=False, flag_values=fv)
     for name, (define, help_) in _COMMON.items():
         define(name, None, help_, flag_values=fv)
@@ -65,31 +71,98 @@ def define_common_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def base_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
+    """The ``--config`` file's config (its ``--config.x`` overrides applied), or
+    ``default_config()`` without one."""
     cfg = fv.config
     if cfg is None:
         cfg = config_lib.default_config()
     return cfg
 
 
-def layer_flags(cfg: ml_collections.ConfigDict, names: dict[str, str],
-                fv: flags.FlagValues = FLAGS) -> None:
-    """Copies given (non-None) flags onto config fields: ``{flag_name: field}``."""
-    for flag_name, field in names.items():
-        value = getattr(fv, flag_name)
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: a tuple equals the list of its items; True is not 1."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def command_line_values(cfg: ml_collections.ConfigDict, flag_fields: dict[str, str],
+                        fv: flags.FlagValues = FLAGS) -> dict[str, tuple[str, Any]]:
+    """``{field: (how it was given, value)}`` for every field the command line sets.
+
+    Three sources set fields, with equal rank: ``--config.field=value``, the flags in
+    ``flag_fields`` (``{flag name: field}``: the original's flags and the program's own)
+    and ``--hparams="field=value,..."``. A field given by two of them with different
+    values is a ConfigError naming both; given twice with the same value, it is set once.
+    """
+    given: dict[str, list[tuple[str, Any]]] = {}
+    if "config" in fv and fv["config"].value is not None:
+        for path, value in fv["config"].override_values.items():
+            given.setdefault(path, []).append((f"--config.{path}={value!r}", value))
+    for flag_name, field in flag_fields.items():
+        value = getattr(fv, flag_name, None)
         if value is None:
             continue
         if field not in cfg:
             raise ConfigError(f"Config has no field {field!r} for --{flag_name}.")
-        with cfg.ignore_type():
-            cfg[field] = value
+        given.setdefault(field, []).append((f"--{flag_name}={value!r}", value))
+    if "hparams" in fv and fv.hparams:
+        for name, value in config_lib.parse_hparams_values(cfg, fv.hparams).items():
+            given.setdefault(name, []).append((f"--hparams {name}={value!r}", value))
+    out = {}
+    for field, ways in given.items():
+        first = ways[0]
+        for other in ways[1:]:
+            if not _same(first[1], other[1]):
+                raise ConfigError(
+                    f"{field} is given twice with different values: {first[0]} and "
+                    f"{other[0]}; give it once.")
+        out[field] = first
+    return out
 
 
-def common_config(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
-    """The config with the shared flags and ``--hparams`` layered on."""
-    cfg = base_config(fv)
-    layer_flags(cfg, {n: n for n in _COMMON}, fv)
-    if fv.hparams:
-        config_lib.apply_hparams(cfg, fv.hparams)
+def config_from_command_line(base: ml_collections.ConfigDict, flag_fields: dict[str, str],
+                             fv: flags.FlagValues = FLAGS
+                             ) -> tuple[ml_collections.ConfigDict, set[str]]:
+    """A copy of ``base`` with every command-line value set (``command_line_values``),
+    and the set of fields the command line gave. ``flag_fields`` maps the program's own
+    flags to fields; the shared flags (``COMMON_FLAGS``) set the fields of their names."""
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    values = command_line_values(cfg, {n: n for n in COMMON_FLAGS} | flag_fields, fv)
+    with cfg.ignore_type():
+        for field, (_, value) in values.items():
+            cfg[field] = tuple(value) if isinstance(cfg[field], tuple) else value
+    return cfg, set(values)
+
+
+def recorded_config(meta: dict[str, Any]) -> ml_collections.ConfigDict:
+    """``default_config()`` with the fields a checkpoint's meta recorded (its training
+    config; fields this version does not know are ignored)."""
+    cfg = config_lib.default_config()
+    with cfg.ignore_type():
+        for k, v in meta.get("config", {}).items():
+            if k in cfg:
+                cfg[k] = tuple(v) if isinstance(cfg[k], tuple) else v
+    return cfg
+
+
+def checkpoint_config(meta: dict[str, Any], flag_fields: dict[str, str],
+                      fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
+    """The config of an evaluation of a checkpoint: its recorded config (the ``--config``
+    file instead, when one is given), then the command line; ``model_name`` and
+    ``num_classes`` are the checkpoint's unless the command line gives them."""
+    base = recorded_config(meta) if fv.config is None and "config" in meta else base_config(fv)
+    cfg, given = config_from_command_line(base, flag_fields, fv)
+    with cfg.ignore_type():
+        for key in ("model_name", "num_classes"):
+            if key in meta and key not in given:
+                cfg[key] = meta[key]
+    if cfg.num_classes <= 0:
+        from alp_jax import data
+
+        cfg.num_classes = data.num_classes(cfg.dataset)
     return cfg
 
 
@@ -100,15 +173,6 @@ def maybe_initialize_distributed(fv: flags.FlagValues = FLAGS) -> None:
         fv.coordinator_address, fv.num_processes, fv.process_id,
         auto=fv.multihost, timeout_s=fv.distributed_timeout_s,
         heartbeat_timeout_s=fv.distributed_heartbeat_timeout_s)
-
-
-def data_dir(cfg: Any) -> str | None:
-    """The data directory the dataset reads (None for digits)."""
-    if cfg.dataset == "digits":
-        return None
-    if cfg.dataset == "tiny_imagenet":
-        return cfg.tiny_imagenet_data_dir or None
-    return cfg.imagenet_data_dir or None
 
 
 # ---- the valid values of the numeric fields (validate_config and parse_flags) -------------
@@ -227,50 +291,24 @@ def validate_config(cfg: Any, *, training: bool) -> None:
 
 
 def _validate_config(cfg: Any, *, training: bool) -> None:
+    # Each rule lives with the module that uses the value; this only calls them.
     from alp_jax import data, model, objectives, pgd, train_state
 
-    if cfg.dataset not in data.DATASETS:
-        raise ValueError(f"Unknown dataset {cfg.dataset!r}; valid: {', '.join(data.DATASETS)}.")
     data.check_available(cfg.dataset)
-    if cfg.model_name not in model.MODELS:
-        raise ValueError(f"Unknown model_name {cfg.model_name!r}; valid: "
-                         f"{', '.join(model.MODELS)}.")
+    data.check_data_dir(cfg.dataset, data.data_dir(cfg))
+    model.check_model(cfg.model_name, dtype=cfg.compute_dtype, conv_impl=cfg.conv_impl)
     check_ranges(cfg, RANGES | (TRAIN_RANGES if training else EVAL_RANGES))
-    from alp_jax.convolution import CONV_IMPLS
-
-    if cfg.get("conv_impl", "auto") not in CONV_IMPLS:
-        raise ValueError(f"conv_impl {cfg.conv_impl!r}; valid: {', '.join(CONV_IMPLS)}.")
-    if cfg.compute_dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"compute_dtype {cfg.compute_dtype!r}: use float32 or bfloat16.")
-    if cfg.dataset != "digits":
-        d = data_dir(cfg)
-        flag = "tiny_imagenet_data_dir" if cfg.dataset == "tiny_imagenet" else "imagenet_data_dir"
-        if not d:
-            raise ValueError(f"--dataset={cfg.dataset} needs --{flag}.")
-        if not os.path.isdir(d):
-            raise FileNotFoundError(f"--{flag}={d!r} is not a directory.")
     if training:
         pgd.parse_attack(cfg.train_adv_method)
         objectives.get_objective(cfg)
-        if cfg.optimizer not in train_state.OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; valid: "
-                             f"{', '.join(train_state.OPTIMIZERS)}.")
-        if cfg.lr_schedule not in train_state.LR_SCHEDULES:
-            raise ValueError(f"Unknown lr_schedule {cfg.lr_schedule!r}; valid: "
-                             f"{', '.join(train_state.LR_SCHEDULES)}.")
-        if cfg.lr_schedule == "step" and len(cfg.lr_list) != len(cfg.lr_decay_epochs) + 1:
-            raise ValueError("lr_list needs exactly one more value than lr_decay_epochs.")
-        for i, v in enumerate(cfg.lr_list):
-            _check_value(f"lr_list[{i}]", v, _above(0))
-        epochs = list(cfg.lr_decay_epochs)
-        if not all(_is_number(e) and e >= 0 for e in epochs) or any(
-                b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
-            raise ConfigError(f"lr_decay_epochs must be increasing and >= 0, got {epochs}.")
+        train_state.check_optimizer(cfg.optimizer)
+        train_state.check_schedule(cfg.lr_schedule, cfg.lr_list, cfg.lr_decay_epochs)
         if not cfg.output_dir:
             raise ValueError("--output_dir is required.")
     else:
         pgd.parse_attack(cfg.adv_method)
-        data.check_num_examples(cfg.dataset, cfg.split_name, cfg.num_examples, data_dir(cfg))
+        data.check_num_examples(cfg.dataset, cfg.split_name, cfg.num_examples,
+                                data.data_dir(cfg))
     validate_evaluation_fields(cfg)
 
 
@@ -297,6 +335,33 @@ def validate_evaluation_fields(cfg: Any) -> None:
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _CONFIG_GIVEN = re.compile(r"^--?config(=|$)")
+
+
+def _resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config=V`` / ``--config V`` (also ``-config``) before ``--``
+    made ``--config=alp_jax.configs.resolve(V)``: a shipped name becomes its file spelling;
+    a name that is neither shipped nor a file is a ``flags.Error``."""
+    from alp_jax import configs
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        m = _CONFIG_GIVEN.match(arg)
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if i == 0 or not m or (m.group(1) != "=" and i + 1 == len(args)):
+            out.append(arg)  # the program name, another flag, or a bare --config (absl's)
+            i += 1
+            continue
+        value = arg.split("=", 1)[1] if m.group(1) == "=" else args[i + 1]
+        i += 1 if m.group(1) == "=" else 2
+        try:
+            out.append(f"--config={configs.resolve(value)}")
+        except ValueError as e:
+            raise flags.Error(f"--config: {e}") from None
+    return out
 
 
 def _override_error(argv: Sequence[str], overrides: list[tuple[str, str]],
@@ -327,13 +392,15 @@ def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
     flag value outside its config field's range (RANGES); returns the remaining arguments.
     """
     given = fv.read_flags_from_files(list(argv), force_gnu=False)  # as ml_collections reads
+    given = _resolve_config_args(given)  # --config=digits_alp: alp_jax/configs/digits.py:alp
     overrides = [(a, m.group(1)) for a in given if (m := _OVERRIDE.match(a))]
     if overrides and not any(_CONFIG_GIVEN.match(a) for a in given):
         raise flags.Error(
             f"{overrides[0][0]} overrides a field of a config file: pass "
-            "--config=configs/NAME.py (e.g. configs/digits_alp.py) before it.")
+            "--config=NAME (a shipped config, e.g. --config=digits_alp) or "
+            "--config=path/to/my_config.py before it.")
     try:
-        rest = fv(list(argv))
+        rest = fv(given)
     except flags.Error:
         raise
     except Exception as e:  # noqa: BLE001 - see _override_error
@@ -346,7 +413,7 @@ def parse_flags(argv: Sequence[str], fv: flags.FlagValues = FLAGS) -> list[str]:
         except OSError as e:
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
             raise flags.Error(f"--config: the file could not be loaded ({lines[-1]}); the "
-                              "shipped configs are in configs/.") from None
+                              "shipped configs are named, e.g. --config=digits_alp.") from None
     ranges = RANGES | TRAIN_RANGES | EVAL_RANGES
     for name, rule in ranges.items():
         if name in fv and fv[name].present and fv[name].value is not None:

@@ -1,8 +1,9 @@
 """The default configuration and the original's ``--hparams`` string.
 
-Every experiment file in ``configs/`` starts from ``default_config()`` and overrides a
-few fields. The hyperparameters keep the original's names and defaults (model_lib.py),
-so ``--hparams="train_adv_method=pgdll_16_2_10,train_lp_weight=0.5"`` still works.
+Every shipped experiment config (``alp_jax/configs/``) starts from ``default_config()``
+and overrides a few fields. The hyperparameters keep the original's names and defaults
+(model_lib.py), so ``--hparams="train_adv_method=pgdll_16_2_10,train_lp_weight=0.5"``
+still works.
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def resolve_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with the fields left to the dataset filled in: ``num_classes`` and
+    ``examples_per_epoch`` (-1: from ``cfg.dataset``)."""
+    import ml_collections
+
+    from alp_jax import data
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if cfg.num_classes <= 0:
+        cfg.num_classes = data.num_classes(cfg.dataset)
+    if cfg.examples_per_epoch <= 0:
+        cfg.examples_per_epoch = data.num_examples(cfg.dataset, "train", data.data_dir(cfg))
+    return cfg
+
+
 def _coerce(name: str, text: str, current: Any) -> Any:
     """Parses ``text`` into the type of the current value, with a clear error."""
     try:
@@ -154,11 +170,21 @@ def parse_hparams(text: str) -> dict[str, str]:
     return out
 
 
-def apply_hparams(config: ml_collections.ConfigDict, text: str) -> ml_collections.ConfigDict:
-    """Layers an original-style ``--hparams`` string onto ``config`` (in place)."""
+def parse_hparams_values(config: ml_collections.ConfigDict, text: str) -> dict[str, Any]:
+    """``{name: value}`` of an original-style ``--hparams`` string, each value parsed as
+    the type of ``config``'s field; ConfigError for an unknown name or a bad value."""
+    out = {}
     for name, value in parse_hparams(text).items():
         if name not in HPARAMS:
             raise ConfigError(f"Unknown hparam {name!r}; valid names: {', '.join(HPARAMS)}.")
-        with config.ignore_type():
-            config[name] = _coerce(name, value, config[name])
+        out[name] = _coerce(name, value, config[name])
+    return out
+
+
+def apply_hparams(config: ml_collections.ConfigDict, text: str) -> ml_collections.ConfigDict:
+    """Layers an original-style ``--hparams`` string onto ``config`` (in place)."""
+    values = parse_hparams_values(config, text)
+    with config.ignore_type():
+        for name, value in values.items():
+            config[name] = value
     return config

@@ -22,6 +22,13 @@ CONV_IMPLS = ("auto", "xla", "im2col")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of ``CONV_IMPLS``; ValueError naming it otherwise."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+    return impl
+
+
 def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
     """An NHWC/HWIO convolution as pad + k*k strided slices + one matmul."""
     kh, kw, cin, cout = kernel.shape
@@ -50,8 +57,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = 
     run the attack ~1.5x closer to peak than its convolution kernels, measured on ResNet-v2-50
     at 64x64) and wherever the kernel exceeds the input, ``lax`` otherwise (GPU, TPU).
     """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+    check_impl(impl)
     if impl == "im2col" or (impl == "auto" and (jax.default_backend() == "cpu"
                                                 or kernel_exceeds_input(x.shape, kernel.shape))):
         return im2col_conv(x, kernel, stride, padding)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alp_jax.convolution import CONV_IMPLS, conv2d
+from alp_jax.convolution import check_impl, conv2d
 
 Dtype = Any
 
@@ -137,12 +137,6 @@ class Conv(nn.Module):
             y = BatchNorm(self.bn_decay, group_size=self.bn_group_size, dtype=self.dtype,
                           name="BatchNorm")(y, train)
         return y
-
-
-def _check_conv_impl(impl: str) -> str:
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
-    return impl
 
 
 def _subsample(x: jax.Array, stride: int) -> jax.Array:
@@ -289,7 +283,7 @@ def _standard(depth: int, units: Sequence[int]):
               conv_impl: str = "xla") -> ResNetV2:
         return ResNetV2(num_classes, blocks, scope or f"resnet_v2_{depth}",
                         bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype,
-                        conv_impl=_check_conv_impl(conv_impl))
+                        conv_impl=check_impl(conv_impl))
 
     build.__name__ = f"resnet_v2_{depth}"
     build.__doc__ = f"TF-slim resnet_v2_{depth} (units {tuple(units)}) with logits."
@@ -316,7 +310,7 @@ def resnet_v2_small(num_classes: int, *, dtype: Dtype = jnp.float32, bn_group_si
     return ResNetV2(num_classes, blocks, scope or "resnet_v2_small", root_depth=32,
                     root_kernel=3, root_stride=1, root_pool=False,
                     bn_group_size=bn_group_size, bn_decay=bn_decay, dtype=dtype,
-                    conv_impl=_check_conv_impl(conv_impl))
+                    conv_impl=check_impl(conv_impl))
 
 
 MODELS = {
@@ -328,13 +322,32 @@ MODELS = {
 }
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model(name: str, *, dtype: Dtype | str = "float32", conv_impl: str = "xla") -> None:
+    """ValueError naming a model name, compute dtype or conv_impl that does not exist."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model_name {name!r}; valid names: {', '.join(MODELS)}.")
+    if jnp.dtype(dtype).name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype {jnp.dtype(dtype).name!r}; valid: "
+                         f"{', '.join(COMPUTE_DTYPES)}.")
+    check_impl(conv_impl)
+
+
 def create_model(name: str, num_classes: int, *, dtype: Dtype | str = jnp.float32,
                  bn_group_size: int = 0, bn_decay: float = BN_DECAY,
                  conv_impl: str = "xla") -> ResNetV2:
     """Builds a model by name (``resnet_v2_50``, ..., ``resnet_v2_small``)."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model_name {name!r}; valid names: {', '.join(MODELS)}.")
-    if isinstance(dtype, str):
-        dtype = jnp.dtype(dtype)
-    return MODELS[name](num_classes, dtype=dtype, bn_group_size=bn_group_size,
+    check_model(name, dtype=dtype, conv_impl=conv_impl)
+    return MODELS[name](num_classes, dtype=jnp.dtype(dtype), bn_group_size=bn_group_size,
                         bn_decay=bn_decay, conv_impl=conv_impl)
+
+
+def model_from_config(cfg: Any) -> ResNetV2:
+    """``create_model`` with a config's ``model_name``, ``num_classes``, ``compute_dtype``,
+    ``bn_group_size``, ``bn_decay`` and ``conv_impl`` (training, evaluation and the
+    robustness suite build their model here)."""
+    return create_model(cfg.model_name, cfg.num_classes, dtype=cfg.compute_dtype,
+                        bn_group_size=cfg.bn_group_size, bn_decay=cfg.bn_decay,
+                        conv_impl=cfg.conv_impl)

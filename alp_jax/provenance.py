@@ -104,6 +104,17 @@ def record() -> dict[str, Any]:
                 timespec="seconds")}
 
 
+def code_version() -> str:
+    """``alp_jax VERSION`` plus the git commit (``.dirty`` when tracked files differ)."""
+    from alp_jax import __version__
+
+    commit = (code_revision() or {}).get("commit")
+    if not commit:
+        return __version__
+    dirty = (code_revision() or {}).get("dirty")
+    return f"{__version__}+{commit[:12]}{'.dirty' if dirty else ''}"
+
+
 def describe(rec: dict[str, Any]) -> str:
     """One line for a console: ``alp_jax 0.1.0 (abc1234+dirty), jax 0.10.2, 1 cpu ...``."""
     rev = rec.get("revision") or {}

@@ -153,6 +153,19 @@ class OutputDirLock:
         self.release()
 
 
+def check_writable(output_dir: str) -> None:
+    """Creates ``output_dir`` and proves it writable, before hours of work go into it."""
+    probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--output_dir={output_dir!r} is not writable ({e.strerror}); "
+                              "give a directory this process can write.") from None
+
+
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value))
 

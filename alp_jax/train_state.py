@@ -34,6 +34,28 @@ LR_SCHEDULES = ("exp_decay", "step", "fixed")
 
 # ---- schedules --------------------------------------------------------------------------
 
+def check_schedule(lr_schedule: str, lr_list: Sequence[float] = (),
+                   lr_decay_epochs: Sequence[float] = ()) -> None:
+    """ValueError naming an unknown schedule or, for ``step``, values that do not fit:
+    ``lr_list`` positive with one more value than ``lr_decay_epochs``, which increase
+    from >= 0."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}.")
+    if lr_schedule != "step":
+        return
+    if len(lr_list) != len(lr_decay_epochs) + 1:
+        raise ValueError(
+            f"lr_list needs one more value than lr_decay_epochs has boundaries, got "
+            f"{len(lr_list)} values and {len(lr_decay_epochs)} boundaries.")
+    for i, v in enumerate(lr_list):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise ValueError(f"lr_list[{i}] must be > 0, got {v!r}.")
+    epochs = list(lr_decay_epochs)
+    if not all(isinstance(e, (int, float)) and e >= 0 for e in epochs) or any(
+            b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
+        raise ValueError(f"lr_decay_epochs must be increasing and >= 0, got {epochs}.")
+
+
 def steps_per_epoch(examples_per_epoch: int, batch_size: int, num_replicas: int = 1) -> float:
     """As the original: examples / per-replica batch / replicas."""
     return examples_per_epoch / batch_size / num_replicas
@@ -57,6 +79,7 @@ def make_schedule(
     with values ``lr_list`` as they are (a boundary step still has the earlier value).
     ``fixed``: ``lr``.
     """
+    check_schedule(lr_schedule, lr_list, lr_decay_epochs)
     if lr_schedule == "exp_decay":
         decay_steps = max(int(steps_per_epoch * lr_num_epochs_per_decay), 1)
 
@@ -64,21 +87,15 @@ def make_schedule(
             k = jnp.floor_divide(jnp.asarray(step, jnp.int32), decay_steps)
             return learning_rate * jnp.power(lr_decay_factor, k.astype(jnp.float32)) * num_replicas
     elif lr_schedule == "step":
-        if len(lr_list) != len(lr_decay_epochs) + 1:
-            raise ValueError(
-                f"lr_list needs one more value than lr_decay_epochs has boundaries, got "
-                f"{len(lr_list)} values and {len(lr_decay_epochs)} boundaries.")
         boundaries = jnp.asarray([int(e * steps_per_epoch) for e in lr_decay_epochs], jnp.int32)
         values = jnp.asarray(lr_list, jnp.float32)
 
         def schedule(step):
             idx = jnp.sum(jnp.asarray(step, jnp.int32) > boundaries)
             return values[idx] * num_replicas
-    elif lr_schedule == "fixed":
+    else:  # fixed
         def schedule(step):
             return jnp.asarray(learning_rate * num_replicas, jnp.float32) + 0 * step
-    else:
-        raise ValueError(f"Unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}.")
     return schedule
 
 
@@ -158,19 +175,24 @@ def tf1_adam(learning_rate: Schedule, beta1: float = 0.9, beta2: float = 0.999,
     return optax.GradientTransformation(init, update)
 
 
+def check_optimizer(name: str) -> None:
+    """ValueError naming an optimizer that is not one of the original's."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+
+
 def make_optimizer(name: str, schedule: Schedule, *, momentum: float = 0.9,
                    rmsprop_decay: float = 0.9, rmsprop_epsilon: float = 1.0,
                    trainable_mask: Any | Callable[[Any], Any] | None = None
                    ) -> optax.GradientTransformation:
     """One of the original's optimizers; parameters outside ``trainable_mask`` never move."""
+    check_optimizer(name)
     if name == "rms":
         tx = tf1_rmsprop(schedule, rmsprop_decay, momentum, rmsprop_epsilon)
     elif name == "momentum":
         tx = tf1_momentum(schedule, momentum)
-    elif name == "adam":
-        tx = tf1_adam(schedule)
     else:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+        tx = tf1_adam(schedule)
     if trainable_mask is None:
         return tx
 

@@ -3,12 +3,12 @@
 Each program runs in its own process (so that XLA flags, thread pools and allocators do
 not mix) with the shared flags; their JSON lines are collected and put side by side::
 
-    FLAG=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
     python benchmarks/compare.py --batch 32 --attack pgdll_16_2_10 --steps 5 --ours= \
-        --ours="--fast_attack --xla_flags=$FLAG"
+        --ours="--model_conv_impl=xla"
 
 ``--ours=FLAGS`` (with ``=``, since FLAGS start with ``--``) may be given several times:
-each is one variant of ``train_step.py``'s extra flags (empty: the plain library path).
+each is one variant of ``train_step.py``'s extra flags (empty: the step as the programs
+run it, ``conv_impl=auto``).
 The ratio column is each row's images/s over the fastest peer's for the same part and
 batch. They run one after the other: on a shared machine, compare only rows taken at a
 similar load (the table prints it).
@@ -64,10 +64,10 @@ def name_of(rec: dict[str, Any]) -> str:
     if "impl" in rec:
         return rec["impl"]
     bits = ["alp-jax"]
-    if rec.get("model_conv_impl", "xla") != "xla":
-        bits.append(f"{rec['model_conv_impl']}-convs")
-    if rec.get("fast_attack"):
-        bits.append("fast")
+    # Named by what differs from the programs' default (auto); records older than the
+    # model_conv_impl key ran lax convolutions.
+    if rec.get("model_conv_impl", "xla") != "auto":
+        bits.append(f"{rec.get('model_conv_impl', 'xla')}-convs")
     if rec.get("xla_flags"):
         bits.append("flags")
     if rec.get("label"):

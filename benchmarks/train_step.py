@@ -6,6 +6,14 @@ configuration (model x batch x attack x part) prints one JSON line, then a table
     python benchmarks/train_step.py --model resnet_v2_50 --num_classes 200 \
         --image_size 64 --batch 32 --attack pgdll_16_2_10 --lp_weight 0.5 --steps 10
 
+What is timed is what the programs run: every function is built through the library's
+public builders (``train_state.make_schedule`` / ``make_optimizer``,
+``objectives.make_objective('alp', ...)``, ``steps.make_train_step``; the attack part is
+the objective's ``craft``) with the programs' defaults: the original's hyperparameters
+from ``alp_jax.config.HPARAMS`` (RMSProp, lr 0.045, exp_decay, weight decay 1e-4,
+label smoothing 0.1), ``conv_impl=auto`` (im2col on CPU, ``lax`` on GPU/TPU), moving
+average decay 0.9999, bounds (-1, 1), and ImageNet's 1,281,167 examples per epoch.
+
 What each figure is:
 
 - ``images_per_s``: ``batch / median step time``; for the ALP step a training example
@@ -13,8 +21,8 @@ What each figure is:
 - ``compile_s``: trace + lower + XLA compile of the jitted function.
 - ``flops``: XLA's ``cost_analysis()`` of the function lowered for the CPU (HLO before
   backend passes: on GPU, compiled convolutions become cuDNN calls it does not count),
-  always of the reference path (``model.apply`` with ``lax`` convolutions), whatever
-  ``--fast_attack`` and ``--model_conv_impl`` say. XLA
+  always of the reference path (the model with ``lax`` convolutions), whatever
+  ``--model_conv_impl`` says. XLA
   counts a loop body once, so for PGD attacks ``(NITER - 1) x`` the cost of one attack
   iteration lowered on its own is added.
   ``flops_analytic`` counts 2 x multiply-adds of every convolution and matmul in the
@@ -54,36 +62,14 @@ PARTS = ("clean", "attack", "alp")
 PGD_METHODS = ("pgd", "pgdll", "pgdrnd")
 
 
-@dataclasses.dataclass
-class BenchConfig:
-    """The config fields ``alp_jax.steps.make_train_step`` reads (original defaults)."""
-
-    batch_size: int = 32
-    train_adv_method: str = "clean"
-    train_lp_weight: float = 0.0
-    train_objective: str = "alp"
-    label_smoothing: float = 0.1
-    weight_decay: float = 1e-4
-    optimizer: str = "rms"
-    momentum: float = 0.9
-    rmsprop_decay: float = 0.9
-    rmsprop_epsilon: float = 1.0
-    lr_schedule: str = "exp_decay"
-    learning_rate: float = 0.045
-    lr_decay_factor: float = 0.94
-    lr_num_epochs_per_decay: float = 2.0
-    lr_list: tuple[float, ...] = (1.0,)
-    lr_decay_epochs: tuple[float, ...] = ()
-    examples_per_epoch: int = 1_281_167
-    num_replicas: int = 1
-    bounds: tuple[float, float] = (-1.0, 1.0)
-    moving_average_decay: float = 0.9999
-    finetune_trainable_scopes: str = ""
-    fast_attack_fold_bn: bool = True
-    fast_attack_conv_impl: str = "auto"
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
+# The programs' defaults that are not hyperparameters (alp_jax.config.default_config()).
+BOUNDS = (-1.0, 1.0)
+EXAMPLES_PER_EPOCH = 1_281_167  # ImageNet's training split
+# The original's hyperparameters the benchmark exposes as flags, defaults from
+# alp_jax.config.HPARAMS (lr_list and lr_decay_epochs, the ``step`` schedule's, too).
+HP_FLAGS = ("label_smoothing", "weight_decay", "optimizer", "momentum", "rmsprop_decay",
+            "rmsprop_epsilon", "lr_schedule", "learning_rate", "lr_decay_factor",
+            "lr_num_epochs_per_decay")
 
 
 # ---- FLOP counting ------------------------------------------------------------------------
@@ -255,7 +241,7 @@ def device_description() -> str:
 
 @dataclasses.dataclass
 class Setup:
-    """A model, its variables and a config, shared by the parts of one configuration."""
+    """The flags, a model and its variables, shared by the parts of one configuration."""
 
     args: argparse.Namespace
     model: Any
@@ -264,47 +250,70 @@ class Setup:
         default_factory=dict)
 
 
-def make_config(args: argparse.Namespace, batch: int, attack: str) -> BenchConfig:
-    return BenchConfig(
-        batch_size=batch, train_adv_method=attack, train_lp_weight=args.lp_weight,
-        train_objective="alp_fast" if args.fast_attack and attack != "clean" else "alp",
-        fast_attack_fold_bn=args.fold_bn, fast_attack_conv_impl=args.conv_impl,
-        moving_average_decay=args.moving_average_decay)
+def optimizer(args: argparse.Namespace, batch: int) -> tuple[Any, Any]:
+    """``(tx, schedule)`` of the flags' optimizer at ``batch`` (one replica), as
+    ``train_state.optimizer_from_config`` builds them for a run."""
+    from alp_jax import train_state as ts
+    from alp_jax.config import HPARAMS
+
+    schedule = ts.make_schedule(
+        args.lr_schedule, args.learning_rate, ts.steps_per_epoch(EXAMPLES_PER_EPOCH, batch),
+        lr_decay_factor=args.lr_decay_factor,
+        lr_num_epochs_per_decay=args.lr_num_epochs_per_decay,
+        lr_list=tuple(HPARAMS["lr_list"]), lr_decay_epochs=tuple(HPARAMS["lr_decay_epochs"]))
+    tx = ts.make_optimizer(args.optimizer, schedule, momentum=args.momentum,
+                           rmsprop_decay=args.rmsprop_decay,
+                           rmsprop_epsilon=args.rmsprop_epsilon)
+    return tx, schedule
 
 
-def craft_fn(setup: Setup, config: BenchConfig) -> Callable[..., Any]:
-    """``(variables, images, labels, key) -> adversarial images`` of the step's objective."""
+def objective(args: argparse.Namespace, attack: str) -> Any:
+    """The original's ``alp`` objective (clean, mixed-minibatch PGD, or ALP) for ``attack``."""
     from alp_jax import objectives
+
+    return objectives.make_objective("alp", attack, label_smoothing=args.label_smoothing,
+                                     weight=args.lp_weight)
+
+
+def train_step_fn(args: argparse.Namespace, model: Any, batch: int, attack: str
+                  ) -> tuple[Callable[..., Any], Any]:
+    """``(train step, its optax transformation)``: the programs' step for ``attack``
+    (``clean`` for the clean step) at ``batch``."""
+    from alp_jax import steps
+
+    tx, schedule = optimizer(args, batch)
+    step = steps.make_train_step(
+        model, tx, schedule, objective(args, attack), attack, bounds=BOUNDS,
+        weight_decay=args.weight_decay, ema_decay=args.moving_average_decay,
+        examples_per_epoch=EXAMPLES_PER_EPOCH, global_batch=batch)
+    return step, tx
+
+
+def craft_fn(args: argparse.Namespace, model: Any, attack: str) -> Callable[..., Any]:
+    """``(variables, images, labels, key) -> adversarial images``: the step's attack."""
     from alp_jax.pgd import parse_attack
 
-    objective = objectives.get_objective(config)
-    attack = parse_attack(config.train_adv_method)
-    bounds = tuple(config.bounds)
+    obj, spec = objective(args, attack), parse_attack(attack)
 
     def craft(variables, images, labels, key):
-        return objective.craft(setup.model, variables, images, labels, key, attack, bounds)
+        return obj.craft(model, variables, images, labels, key, spec, BOUNDS)
 
     return craft
 
 
-def iteration_fn(setup: Setup, config: BenchConfig) -> Callable[..., Any]:
+def iteration_fn(model: Any, attack: str) -> Callable[..., Any]:
     """One PGD iteration compiled on its own: ``(variables, x, x0, targets) -> x``."""
-    from alp_jax import fast_inference, pgd, steps
+    from alp_jax import pgd, steps
 
-    spec = pgd.parse_attack(config.train_adv_method)
-    scale = pgd.pixel_scale(tuple(config.bounds))
+    spec = pgd.parse_attack(attack)
+    scale = pgd.pixel_scale(BOUNDS)
     direction = 1.0 if spec.method == "pgd" else -1.0
 
     def one(variables, x, x0, targets):
-        if config.train_objective == "alp_fast":
-            logits_fn = fast_inference.fast_logits_fn(
-                setup.model, variables, fold_bn=config.fast_attack_fold_bn,
-                conv_impl=config.fast_attack_conv_impl)
-        else:
-            logits_fn = steps.inference_logits_fn(setup.model, variables)
+        logits_fn = steps.inference_logits_fn(model, variables)
         return pgd.signed_gradient_loop(
             pgd.summed_xent(logits_fn, targets), x, x0, spec.eps * scale, spec.step * scale,
-            1, tuple(config.bounds), direction)
+            1, BOUNDS, direction)
 
     return one
 
@@ -329,34 +338,31 @@ def _timed_compile(fn: Callable[..., Any], args: Sequence[Any], donate: tuple[in
     return compiled, time.perf_counter() - t0
 
 
-def count_flops(setup: Setup, part: str, config: BenchConfig, call_args: tuple[Any, ...],
-                niter_extra: int) -> tuple[float, float, float]:
+def count_flops(setup: Setup, part: str, batch: int, attack: str,
+                call_args: tuple[Any, ...], niter_extra: int) -> tuple[float, float, float]:
     """(XLA FLOPs of the function, of one attack iteration, analytic FLOPs of the function).
 
-    Always counts the reference implementation (objective ``alp``, ``model.apply`` with
-    ``lax`` convolutions), so that the figure is a property of the model and the attack, not
-    of the code path (``--fast_attack`` and im2col convolutions compute the same logits with
-    a different mix of operations; im2col's matmuls also multiply the padding zeros).
+    Always counts the reference implementation (the model cloned with ``lax``
+    convolutions), so that the figure is a property of the model and the attack, not of
+    the code path (im2col convolutions compute the same logits with a different mix of
+    operations; their matmuls also multiply the padding zeros).
     """
-    from alp_jax import pgd, steps
+    from alp_jax import pgd
 
-    setup = dataclasses.replace(setup, model=setup.model.clone(conv_impl="xla"))
-
-    key = (part, config.batch_size, config.train_adv_method)
+    ref = setup.model.clone(conv_impl="xla")
+    key = (part, batch, attack)
     if key not in setup.flops_cache:
-        ref = dataclasses.replace(config, train_objective="alp")
-        fn = (craft_fn(setup, ref) if part == "attack"
-              else steps.make_train_step(ref, setup.model))
+        fn = (craft_fn(setup.args, ref, attack) if part == "attack"
+              else train_step_fn(setup.args, ref, batch, attack)[0])
         setup.flops_cache[key] = (cpu_flops(fn, *call_args), analytic_flops(fn, *call_args))
     flops, analytic = setup.flops_cache[key]
     iter_flops = 0.0
     if niter_extra:
-        spec = pgd.parse_attack(config.train_adv_method)
-        ikey = ("iteration", config.batch_size, f"{spec.method}_{spec.eps}_{spec.step}")
+        spec = pgd.parse_attack(attack)
+        ikey = ("iteration", batch, f"{spec.method}_{spec.eps}_{spec.step}")
         if ikey not in setup.flops_cache:
-            ref = dataclasses.replace(config, train_objective="alp")
             images, labels = call_args[1], call_args[2]
-            setup.flops_cache[ikey] = (cpu_flops(iteration_fn(setup, ref), setup.variables,
+            setup.flops_cache[ikey] = (cpu_flops(iteration_fn(ref, attack), setup.variables,
                                                  images, images, labels), 0.0)
         iter_flops = setup.flops_cache[ikey][0]
     return flops, iter_flops, analytic
@@ -366,36 +372,35 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
     """Compiles, counts and times one part at one batch; returns its JSON record."""
     import jax
 
-    from alp_jax import pgd, steps
+    from alp_jax import pgd
     from alp_jax import train_state as ts
 
     args = setup.args
     spec = pgd.parse_attack(attack)
-    config = make_config(args, batch, "clean" if part == "clean" else attack)
+    used = "clean" if part == "clean" else attack  # the attack the function runs
     images, labels, key = _inputs(args, batch)
     niter_extra = spec.niter - 1 if (part != "clean" and spec.method in PGD_METHODS) else 0
     state = None
     if part == "attack":
-        fn = craft_fn(setup, config)
+        fn = craft_fn(args, setup.model, used)
         call_args: tuple[Any, ...] = (setup.variables, images, labels, key)
         donate: tuple[int, ...] = ()
     else:
-        fn = steps.make_train_step(config, setup.model)
-        tx, _ = ts.optimizer_from_config(config, config.examples_per_epoch)
+        fn, tx = train_step_fn(args, setup.model, batch, used)
         state = ts.create_train_state(
             setup.model, tx, jax.random.PRNGKey(0), args.image_size,
-            moving_average_decay=config.moving_average_decay,
+            moving_average_decay=args.moving_average_decay,
             variables=jax.tree_util.tree_map(jax.numpy.copy, setup.variables))  # donated
         call_args = (state, images, labels, key)
         donate = (0,) if args.donate else ()
 
     compiled, compile_s = _timed_compile(fn, call_args, donate)
-    flops, iter_flops, analytic = count_flops(setup, part, config, call_args, niter_extra)
+    flops, iter_flops, analytic = count_flops(setup, part, batch, used, call_args, niter_extra)
     flops_total = flops + niter_extra * iter_flops
     record: dict[str, Any] = {}
     if part == "alp" and args.memory_check:
         # The memory target: the ALP step at batch B against a clean step at batch 2B.
-        clean2 = steps.make_train_step(make_config(args, 2 * batch, "clean"), setup.model)
+        clean2, _ = train_step_fn(args, setup.model, 2 * batch, "clean")
         im2, lb2, k2 = _inputs(args, 2 * batch)
         c2, _ = _timed_compile(clean2, (state, im2, lb2, k2), donate)
         mine, theirs = xla_bytes(compiled), xla_bytes(c2)
@@ -429,10 +434,7 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
         "niter": spec.niter if part != "clean" else 0,
         "lp_weight": args.lp_weight if part == "alp" else 0.0,
         "compute_dtype": args.compute_dtype,
-        "fast_attack": bool(args.fast_attack) and part != "clean",
         "model_conv_impl": args.model_conv_impl,
-        "fold_bn": bool(args.fold_bn) if args.fast_attack and part != "clean" else None,
-        "conv_impl": args.conv_impl if args.fast_attack and part != "clean" else None,
         "donate": bool(args.donate) and part != "attack",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "label": args.label,
@@ -469,7 +471,7 @@ def run_part(setup: Setup, part: str, batch: int, attack: str) -> dict[str, Any]
 
 @functools.lru_cache(maxsize=4)
 def init_model(name: str, num_classes: int, image_size: int, dtype: str,
-               conv_impl: str = "xla") -> tuple[Any, dict[str, Any]]:
+               conv_impl: str = "auto") -> tuple[Any, dict[str, Any]]:
     """(model, fresh variables), initialised once per process (XLA compiles the init)."""
     import jax
     import jax.numpy as jnp
@@ -486,6 +488,10 @@ def _csv(text: str, cast: Callable[[str], Any] = str) -> list[Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from alp_jax import train_state as ts  # imports jax, but starts no backend
+    from alp_jax.config import HPARAMS  # a plain dict: no ml_collections
+    from alp_jax.convolution import CONV_IMPLS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet_v2_50")
@@ -498,20 +504,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.add_argument("--compute_dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--fast_attack", action=argparse.BooleanOptionalAction, default=False,
-                   help="attack on alp_jax.fast_inference (objective alp_fast)")
-    p.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --fast_attack: fold BatchNorm into the convolutions")
-    p.add_argument("--conv_impl", default="auto", help="with --fast_attack: auto|xla|im2col")
-    p.add_argument("--model_conv_impl", default="xla",
-                   help="the model's own convolutions (training pass and reference attack): "
-                        "xla (the straightforward step), im2col, or auto (im2col on CPU)")
+    p.add_argument("--model_conv_impl", default="auto", choices=CONV_IMPLS,
+                   help="the model's convolutions (training pass and attack), as the "
+                        "config's conv_impl: auto (the programs' default: im2col on CPU, "
+                        "lax on GPU/TPU), xla (lax everywhere) or im2col")
     p.add_argument("--donate", action=argparse.BooleanOptionalAction, default=True,
                    help="donate the train state to the jitted step")
     p.add_argument("--memory_check", action=argparse.BooleanOptionalAction, default=False,
                    help="also compile the clean step at 2x batch and report the ALP step's "
                         "XLA memory over it (the issue's <= 1.25 target)")
-    p.add_argument("--moving_average_decay", type=float, default=0.9999)
+    p.add_argument("--moving_average_decay", type=float, default=0.9999,
+                   help="as the config's (<= 0: no moving averages)")
+    for name in HP_FLAGS:  # the original's hyperparameters, with its defaults
+        default = HPARAMS[name]
+        kind = {"optimizer": {"choices": ts.OPTIMIZERS},
+                "lr_schedule": {"choices": ts.LR_SCHEDULES}}.get(name, {})
+        p.add_argument(f"--{name}", type=type(default), default=default,
+                       help=f"the hparam {name} (default: %(default)s)", **kind)
     p.add_argument("--xla_flags", default="",
                    help="appended to XLA_FLAGS (effective only before JAX starts its backend)")
     p.add_argument("--peak_size", type=int, default=0,
@@ -527,14 +536,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A human-readable table of the records."""
-    head = ("part", "batch", "attack", "dtype", "fast", "convs", "img/s", "step ms", "compile s",
+    head = ("part", "batch", "attack", "dtype", "convs", "img/s", "step ms", "compile s",
             "GFLOP/img", "GFLOP/s", "% peak", "xla MiB", "rss MiB")
     rows = [head]
     for r in records:
         share = r["share_of_peak"]
         rows.append((
             r["part"], str(r["batch"]), r["attack"], r["compute_dtype"],
-            "yes" if r["fast_attack"] else "no", r.get("model_conv_impl", "xla"),
+            r.get("model_conv_impl", "xla"),
             f"{r['images_per_s']:.2f}", f"{1e3 * r['step_time_s_median']:.0f}",
             f"{r['compile_s']:.1f}", f"{r['flops_per_image'] / 1e9:.2f}",
             f"{r['achieved_flops_per_s'] / 1e9:.1f}",
@@ -553,10 +562,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     import jax
 
-    from alp_jax import (
-        fast_inference,  # noqa: F401 - registers the alp_fast objective
-        provenance,
-    )
+    from alp_jax import provenance
 
     prov = provenance.record()  # in every record: which code, libraries and devices
 

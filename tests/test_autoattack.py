@@ -19,7 +19,7 @@ from absl import flags
 from helpers import init_small_variables
 
 import alp_jax
-from alp_jax import checkpoints, engine
+from alp_jax import checkpoints, engine, evaluator
 from alp_jax import robustness as rb
 from alp_jax.config import default_config
 from alp_jax.engine import autoattack as aa
@@ -97,7 +97,7 @@ def test_cascade_is_the_and_of_its_attacks_and_skips_broken_examples(monkeypatch
     # The RobustBench-style summary the program writes, per eps.
     cfg = default_config()
     cfg.dataset, cfg.model_name, cfg.split_name = "digits", "toy_mlp", "validation"
-    paths = rb.write_autoattack_summaries(str(tmp_path), r, cfg, "ckpt/400")
+    paths = evaluator.write_autoattack_summaries(str(tmp_path), r, cfg, "ckpt/400")
     with open(paths["autoattack_eps6.json"]) as f:
         js = json.load(f)
     assert set(js) >= {"model", "dataset", "threat_model", "eps", "eps_float", "n_examples",

@@ -1,5 +1,5 @@
-"""The throughput benchmark end to end on a tiny model, its FLOP counts, the fast attack
-path (``alp_jax.fast_inference``) against ``model.apply``, and the peers when installed.
+"""The throughput benchmark end to end on a tiny model, its FLOP counts, that it measures
+the programs' step (same builders, same defaults), and the peers when installed.
 
 Nothing here asserts a timing: only fields, counts and results.
 """
@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alp_jax import fast_inference, objectives
-from alp_jax.pgd import generate_adversarial_examples
+from alp_jax import objectives, steps
+from alp_jax import train_state as ts
+from alp_jax.config import HPARAMS, default_config
+from alp_jax.data import tfrecord_datasets
+from alp_jax.pgd import parse_attack
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "resnet_v2_small", "--num_classes", "10", "--image_size", "16",
@@ -60,8 +63,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_end_to_end_records_and_table():
-    argv = TINY + ["--attack", "pgdll_16_2_2", "--fast_attack", "--memory_check",
-                   "--peak_size", "256"]
+    argv = TINY + ["--attack", "pgdll_16_2_2", "--memory_check", "--peak_size", "256"]
     r = subprocess.run([sys.executable, "-c", BLOCKED_RUN,
                         str(ROOT / "benchmarks" / "train_step.py"), *argv],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -70,8 +72,14 @@ def test_end_to_end_records_and_table():
     records = [json.loads(x) for x in printed.splitlines() if x.startswith("{")]
     assert [r["part"] for r in records] == ["clean", "attack", "alp"]  # one line each
     assert "img/s" in printed and "GFLOP/img" in printed  # the human table
+    head = next(x for x in printed.splitlines() if "img/s" in x).split()
+    assert "fast" not in head and "convs" in head
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
+        # One code path: the model's convolutions are the only implementation choice.
+        assert [k for k in r if "conv_impl" in k] == ["model_conv_impl"], sorted(r)
+        assert not [k for k in r if "fast" in k or "fold" in k], sorted(r)
+        assert r["model_conv_impl"] == "auto"  # the programs' default
         assert r["images_per_s"] > 0 and r["compile_s"] > 0
         prov = r["provenance"]  # which code, libraries and devices produced the number
         assert prov["packages"]["jax"] and prov["device_count"] >= 1 and prov["alp_jax"]
@@ -81,9 +89,8 @@ def test_end_to_end_records_and_table():
         if jax.default_backend() == "cpu":
             assert r["device_peak_bytes"] is None  # CPU has no memory_stats()
     clean, attack, alp = records
-    assert attack["fast_attack"] and alp["fast_attack"] and not clean["fast_attack"]
     assert alp["memory_ratio_vs_clean_2x_batch"] > 0
-    # Same work per example as the reference path: counted on model.apply.
+    # Same work per example as the reference path: counted with lax convolutions.
     assert alp["flops_per_image"] > attack["flops_per_image"] > clean["flops_per_image"] / 2
 
 
@@ -114,73 +121,96 @@ def test_analytic_conv_flops_exclude_padding(bench):
     assert bench.analytic_flops(g, jnp.zeros((3, 5)), jnp.zeros((5, 7))) == 2 * 3 * 5 * 7
 
 
-@pytest.fixture(scope="module")
-def small(bench):
-    """(model, variables with non-trivial BatchNorm statistics, so that folding matters)."""
-    model, v = bench.init_model("resnet_v2_small", 10, 16, "float32")  # shared init
-    leaves, tree = jax.tree_util.tree_flatten(v["batch_stats"])
-    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
-    stats = [x + 0.3 * jax.random.uniform(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    params = jax.tree_util.tree_map(lambda a: a * (1 + 0.1 * jnp.cos(jnp.arange(a.size))
-                                                   ).reshape(a.shape), v["params"])
-    return model, {"params": params, "batch_stats": jax.tree_util.tree_unflatten(tree, stats)}
+# ---- the benchmark measures what the programs run --------------------------------------
+
+def test_defaults_are_the_programs(bench):
+    args, cfg = bench.parse_args([]), default_config()
+    assert args.model_conv_impl == cfg.conv_impl == "auto"
+    assert args.moving_average_decay == cfg.moving_average_decay == 0.9999
+    assert bench.BOUNDS == tuple(cfg.bounds) == (-1.0, 1.0)
+    assert bench.EXAMPLES_PER_EPOCH == tfrecord_datasets.PUBLISHED_SIZES["imagenet"]["train"]
+    for name in bench.HP_FLAGS:
+        assert getattr(args, name) == HPARAMS[name] == cfg[name], name
+        assert type(getattr(args, name)) is type(HPARAMS[name]), name
+    # Every other hparam is a flag of its own (--batch, --attack, --lp_weight: the
+    # benchmark's configurations), HPARAMS' as it is (the step schedule's lists), or
+    # unused by a train step (eval_batch_size): a new hparam must be placed here.
+    assert set(HPARAMS) - set(bench.HP_FLAGS) == {
+        "batch_size", "train_adv_method", "train_lp_weight", "lr_list", "lr_decay_epochs",
+        "eval_batch_size"}
+    assert args.lp_weight == 0.5 and parse_attack(args.attack).niter == 10  # ALP, PGD-10
 
 
-def test_fast_logits_match_model_apply(small):
-    model, v = small
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
-    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-    for fold_bn in (True, False):
-        for conv_impl in ("auto", "xla", "im2col"):
-            fast = jax.jit(lambda v, x, f=fold_bn, c=conv_impl: fast_inference.fast_logits_fn(
-                model, v, fold_bn=f, conv_impl=c)(x))(v, x)
-            np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5,
-                                       atol=1e-5 * float(jnp.max(jnp.abs(ref))),
-                                       err_msg=f"fold_bn={fold_bn} conv_impl={conv_impl}")
+BATCH, ATTACK = 4, "pgdll_16_2_2"
 
 
-def test_im2col_conv_matches_lax_including_strides_and_padding():
-    key = jax.random.PRNGKey(2)
-    for h, k, s, pad in [(2, 3, 1, "SAME"), (2, 3, 2, ((1, 1), (1, 1))), (5, 3, 2, "SAME"),
-                         (8, 7, 2, ((3, 3), (3, 3))), (4, 1, 2, "SAME")]:
-        x = jax.random.normal(key, (2, h, h, 5))
-        w = jax.random.normal(jax.random.fold_in(key, h * k), (k, k, 5, 6))
-
-        @jax.jit
-        def both(x, w, s=s, pad=pad):
-            ref = jax.lax.conv_general_dilated(x, w, (s, s), pad,
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return ref, fast_inference.im2col_conv(x, w, s, pad)
-
-        ref, got = both(x, w)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+def _program_config(bench, args, **overrides):
+    """``default_config()`` as a run of the benchmark's model, batch and attack sees it."""
+    cfg = default_config()
+    cfg.model_name, cfg.num_classes = args.model, args.num_classes
+    cfg.dataset_image_size, cfg.batch_size = args.image_size, BATCH
+    cfg.train_adv_method, cfg.train_lp_weight = ATTACK, args.lp_weight
+    cfg.examples_per_epoch = bench.EXAMPLES_PER_EPOCH
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
 
 
-def test_fast_attack_matches_reference_attack(small):
-    model, v = small
-    x = jax.random.uniform(jax.random.PRNGKey(3), (8, 16, 16, 3), minval=-1, maxval=1)
-    key = jax.random.PRNGKey(4)
-
-    @jax.jit
-    def both(v, x):
-        ref = generate_adversarial_examples(lambda z: model.apply(v, z, train=False), x, key,
-                                            "pgdll_16_2_5")
-        fast = generate_adversarial_examples(fast_inference.fast_logits_fn(model, v), x, key,
-                                             "pgdll_16_2_5")
-        return ref, fast
-
-    ref, fast = both(v, x)
-    # sign() of a ~0 gradient component may flip under a different summation order.
-    assert float(jnp.mean(ref == fast)) > 0.99
+def _assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_alp_fast_objective_registered(bench):
-    cfg = bench.BenchConfig(train_adv_method="pgdll_16_2_1", train_lp_weight=0.5,
-                            train_objective="alp_fast")
-    obj = objectives.get_objective(cfg)
-    ref = objectives.get_objective(bench.BenchConfig(train_adv_method="pgdll_16_2_1",
-                                                     train_lp_weight=0.5))
-    assert obj.craft is not ref.craft and obj.accuracies is ref.accuracies
+def test_alp_step_is_the_programs_step(bench):
+    """Two steps of the benchmark's ALP step and of ``train_step_from_config`` on the
+    programs' default config: the same new state and metrics, bit for bit; the attack
+    part is that step's attack."""
+    args = bench.parse_args(TINY[:6] + ["--batch", str(BATCH), "--attack", ATTACK])
+    model, variables = bench.init_model(args.model, args.num_classes, args.image_size,
+                                        args.compute_dtype, args.model_conv_impl)
+    cfg = _program_config(bench, args)
+    ours, tx = bench.train_step_fn(args, model, BATCH, ATTACK)
+    theirs = steps.train_step_from_config(cfg, model)
+    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), args.image_size,
+                                  moving_average_decay=args.moving_average_decay,
+                                  variables=variables)
+    _assert_trees_equal(state.opt_state, ts.optimizer_from_config(cfg)[0].init(state.params))
+    images, labels, key = bench._inputs(args, BATCH)
+    ours, theirs = jax.jit(ours), jax.jit(theirs)
+    a = b = state
+    for i in range(2):
+        k = jax.random.fold_in(key, i)
+        a, metrics_a = ours(a, images, labels, k)
+        b, metrics_b = theirs(b, images, labels, k)
+        assert sorted(metrics_a) == sorted(metrics_b)
+        assert "loss_lp" in metrics_a and "adv_accuracy" in metrics_a  # ALP, mixed batch
+        _assert_trees_equal(metrics_a, metrics_b)
+        _assert_trees_equal(a, b)
+    assert int(a.step) == 2 and a.ema_params is not None
+
+    craft = jax.jit(bench.craft_fn(args, model, ATTACK))
+    reference = objectives.get_objective(cfg)
+    expected = jax.jit(lambda v, x, y, k: reference.craft(
+        model, v, x, y, k, parse_attack(cfg.train_adv_method), tuple(cfg.bounds)))
+    _assert_trees_equal(craft(variables, images, labels, key),
+                        expected(variables, images, labels, key))
+
+
+@pytest.mark.parametrize("lr_schedule", ["exp_decay", "step", "fixed"])
+def test_schedule_is_the_programs(bench, lr_schedule):
+    """The learning rate at every boundary of the schedule, as a run computes it (the
+    step test above only reaches step 2 of an epoch of 320,292 steps)."""
+    args = bench.parse_args(TINY[:6] + ["--lr_schedule", lr_schedule])
+    cfg = _program_config(bench, args, lr_schedule=lr_schedule)
+    _, ours = bench.optimizer(args, BATCH)
+    _, theirs = ts.optimizer_from_config(cfg)
+    spe = ts.steps_per_epoch(bench.EXAMPLES_PER_EPOCH, BATCH)
+    decay = int(spe * HPARAMS["lr_num_epochs_per_decay"])
+    marks = [0, 1, decay - 1, decay, 3 * decay + 1]
+    marks += [int(e * spe) + d for e in HPARAMS["lr_decay_epochs"] for d in (0, 1)]
+    for step in marks:
+        assert float(ours(step)) == float(theirs(step)), (lr_schedule, step)
 
 
 def _peer_ok(module: str) -> bool:

@@ -8,7 +8,6 @@ long traceback, ``--num_examples`` larger than the split, a killed converter lea
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import re
 import subprocess
@@ -20,12 +19,13 @@ import numpy as np
 import pytest
 from absl import flags
 
-from alp_jax import checkpoints, cli, data, losses
+from alp_jax import checkpoints, cli, configs, data, losses
 from alp_jax import train as train_lib
 from alp_jax.config import ConfigError, default_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "digits_alp.py")
+# The file spelling of the shipped digits_alp (tests/test_configs.py covers the names).
+CONFIG = os.path.join(REPO, "alp_jax", "configs", "digits.py") + ":alp"
 
 
 def run_program(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -163,12 +163,9 @@ def test_evaluation_checks_only_what_evaluation_reads(tmp_path):
         cli.validate_config(_train_cfg(tmp_path, bn_decay=1.5), training=False)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))),
-                         ids=os.path.basename)
-def test_shipped_configs_pass_validation(tmp_path, path):
-    from alp_jax.demo import load_config_file
-
-    cfg = load_config_file(path)
+@pytest.mark.parametrize("name", configs.NAMES)
+def test_shipped_configs_pass_validation(tmp_path, name):
+    cfg = configs.get_config(name)
     cfg.dataset = "digits"  # the numbers are under test here, not the data directories
     cfg.output_dir = str(tmp_path)
     cli.validate_config(cfg, training=True)
@@ -212,10 +209,12 @@ def _parse_train_flags(monkeypatch, *argv):
     ([f"--config={CONFIG}", "--config.batch_size=abc"], r"config\.batch_size=abc: .*'abc'"),
     (["--config.batch_size=16"],
      r"^--config\.batch_size=16 overrides a field of a config file: pass "
-     r"--config=configs/NAME\.py \(e\.g\. configs/digits_alp\.py\) before it\.$"),
+     r"--config=NAME \(a shipped config, e\.g\. --config=digits_alp\) or "
+     r"--config=path/to/my_config\.py before it\.$"),
     ([f"--config={CONFIG}", "--max_steps=-3"], r"^--max_steps=-3: max_steps must be >= -1"),
     ([f"--config={REPO}/configs/nope.py"],
-     r"^--config: the file could not be loaded \(\[Errno 2\] No such file or directory: "),
+     r"^--config: '.*/configs/nope\.py' is neither a shipped config nor an existing file; "
+     r"the shipped configs: digits_baseline, digits_alp, "),
 ])
 def test_bad_command_line_is_one_short_error(monkeypatch, argv, message):
     with pytest.raises(flags.Error) as err:

@@ -4,19 +4,15 @@ computations, TRADES' attack, and every objective's digits config training witho
 
 from __future__ import annotations
 
-import os
-
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alp_jax import losses, objectives, steps
+from alp_jax import configs, losses, objectives, steps
 from alp_jax.data import digits
-from alp_jax.demo import load_config_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LS = 0.1
 
 
@@ -165,7 +161,7 @@ def test_trades_attack_increases_the_kl_term(trained_digits):
 
 @pytest.mark.parametrize("name", ["clp", "lsq", "trades"])
 def test_digits_config_trains_without_nan(name, small_variables):
-    cfg = load_config_file(os.path.join(REPO, "configs", f"digits_{name}.py"))
+    cfg = configs.get_config(f"digits_{name}")
     assert cfg.train_objective == name and cfg.objective_weight > 0
     cfg.num_classes = helpers.NUM_CLASSES
     cfg.examples_per_epoch = digits.num_examples("train")

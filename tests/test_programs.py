@@ -18,9 +18,11 @@ from alp_jax import checkpoints, finetune, slim_names
 from alp_jax import eval as eval_lib
 from alp_jax import train as train_lib
 from alp_jax import train_state as ts
+from alp_jax.config import resolve_config
+from alp_jax.model import model_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "digits_alp.py")
+CONFIG = "digits_alp"  # alp_jax/configs/digits.py:alp
 # A tiny, fast ALP run: 8x8 digits, batch 16, 2 PGD iterations.
 TINY = ["--config.dataset_image_size=8", "--config.batch_size=16", "--config.eval_batch_size=32",
         "--hparams=train_adv_method=pgdll_16_4_2,train_lp_weight=0.5",
@@ -28,7 +30,7 @@ TINY = ["--config.dataset_image_size=8", "--config.batch_size=16", "--config.eva
 
 
 def tiny_config(output_dir: str, **overrides):
-    cfg = train_lib.resolve_config(_load(CONFIG))
+    cfg = resolve_config(_load(CONFIG))
     cfg.dataset_image_size = 8
     cfg.batch_size = 16
     cfg.eval_batch_size = 32
@@ -41,10 +43,10 @@ def tiny_config(output_dir: str, **overrides):
     return cfg
 
 
-def _load(path):
-    from alp_jax.demo import load_config_file
+def _load(name):
+    from alp_jax import configs
 
-    return load_config_file(path)
+    return configs.get_config(name)
 
 
 def run_program(module: str, *args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
@@ -158,7 +160,7 @@ def test_finetune_exclude_and_trainable_scopes(tmp_path):
                       finetune_checkpoint_path=pre,
                       finetune_exclude_pretrained_scopes="resnet_v2_small/logits",
                       finetune_trainable_scopes="resnet_v2_small/logits,resnet_v2_small/postnorm")
-    model = train_lib.model_from_config(cfg)
+    model = model_from_config(cfg)
     fresh = jax.device_get(ts.init_variables(model, jax.random.split(
         jax.random.PRNGKey(cfg.seed))[0], cfg.dataset_image_size))
     loaded = slim_names.variables_to_slim(finetune.finetune_variables(
@@ -184,7 +186,7 @@ def test_finetune_exclude_and_trainable_scopes(tmp_path):
         finetune.finetune_variables(fresh, pre, exclude_scopes="resnet_v2_small/nope")
     with pytest.raises(ValueError, match="matches no variable"):
         finetune.finetune_variables(fresh, pre, trainable_scopes="resnet_v2_50/logits")
-    other = train_lib.model_from_config(tiny_config("", num_classes=7))
+    other = model_from_config(tiny_config("", num_classes=7))
     fresh7 = jax.device_get(ts.init_variables(other, jax.random.PRNGKey(0), 8))
     with pytest.raises(ValueError, match="(?s)shapes differ.*logits/weights"):
         finetune.finetune_variables(fresh7, pre)
@@ -201,7 +203,7 @@ def test_finetune_reads_averages_only_for_trainable_parameters(tmp_path):
                                         "batch_stats": raw_tree["batch_stats"]})
     ema = slim_names.variables_to_slim({"params": raw_tree["ema_params"],
                                         "batch_stats": raw_tree["ema_batch_stats"]})
-    model = train_lib.model_from_config(tiny_config(""))
+    model = model_from_config(tiny_config(""))
     fresh = jax.device_get(ts.init_variables(model, jax.random.PRNGKey(0), 8))
     param_names = set(slim_names.slim_names({"params": fresh["params"]}))
     trainable = ("resnet_v2_small/logits/", "resnet_v2_small/postnorm/")

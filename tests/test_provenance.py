@@ -56,7 +56,7 @@ def test_training_run_records_provenance_and_compile_time(tmp_path) -> None:
     out = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "alp_jax.train",
-         f"--config={os.path.join(REPO, 'configs', 'digits_alp.py')}", f"--output_dir={out}",
+         "--config=digits_alp", f"--output_dir={out}",
          "--config.max_steps=3", "--config.dataset_image_size=8", "--config.batch_size=16",
          "--config.log_every_steps=1", "--config.save_summaries_steps=1",
          "--config.num_summary_images=2", "--config.save_model_steps=0",
@@ -103,10 +103,10 @@ def test_robustness_results_record_provenance(tmp_path) -> None:
 
 
 def test_demo_results_record_provenance(tmp_path) -> None:
-    from alp_jax import demo
+    from alp_jax import comparison
 
     rows = [{"model": "alp", "clean": 0.9, "pgd_16_2_20": 0.5}]
-    demo.write_results(str(tmp_path), rows, ("clean", "pgd_16_2_20"))
+    comparison.write_results(str(tmp_path), rows, ("clean", "pgd_16_2_20"))
     js = json.loads((tmp_path / "results.json").read_text())
     assert js["results"] == rows
     check_record(js["provenance"])

@@ -9,7 +9,6 @@ and lost processes in a two-process cluster, a full disk.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -25,13 +24,14 @@ import numpy as np
 import optax
 import pytest
 
-from alp_jax import checkpoints, run_dir
+from alp_jax import checkpoints, configs, run_dir
 from alp_jax import train as train_lib
 from alp_jax import train_state as ts
+from alp_jax.config import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALP = os.path.join(REPO, "configs", "digits_alp.py")
-BASELINE = os.path.join(REPO, "configs", "digits_baseline.py")
+ALP = "digits_alp"  # shipped configs (alp_jax/configs/digits.py:alp), by name
+BASELINE = "digits_baseline"
 # A tiny clean run: 8x8 digits, batch 16 (the attack is not what these tests are about).
 TINY = ["--config.dataset_image_size=8", "--config.batch_size=16",
         "--config.eval_batch_size=32", "--config.log_every_steps=2",
@@ -40,15 +40,8 @@ TINY = ["--config.dataset_image_size=8", "--config.batch_size=16",
         "--hparams=train_adv_method=clean"]
 
 
-def load_config_file(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def tiny_config(output_dir: str, path: str = ALP, **overrides):
-    cfg = train_lib.resolve_config(load_config_file(path))
+def tiny_config(output_dir: str, name: str = ALP, **overrides):
+    cfg = resolve_config(configs.get_config(name))
     cfg.dataset_image_size = 8
     cfg.batch_size = 16
     cfg.train_adv_method = "clean"

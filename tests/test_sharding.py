@@ -15,7 +15,7 @@ import pytest
 from alp_jax import checkpoints, slim_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "digits_alp.py")
+CONFIG = "digits_alp"  # alp_jax/configs/digits.py:alp
 TRAIN_ARGS = [f"--config={CONFIG}", "--config.dataset_image_size=8", "--config.batch_size=16",
               "--config.max_steps=4", "--config.save_model_steps=2",
               "--config.log_every_steps=2", "--config.save_summaries_steps=0",

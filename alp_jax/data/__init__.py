@@ -13,6 +13,7 @@ TensorFlow is imported only by the TFRecord/TFDS pipelines, never by the digits 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,9 +27,36 @@ DATASETS = ("digits", "tiny_imagenet", "imagenet", "imagenet_tfds")
 _NUM_CLASSES = {"digits": 10, "tiny_imagenet": 200, "imagenet": 1001, "imagenet_tfds": 1001}
 
 
+# The config field (and flag) holding each dataset's directory; digits ships with
+# scikit-learn and reads none.
+DATA_DIR_FIELDS = {"digits": None, "tiny_imagenet": "tiny_imagenet_data_dir",
+                   "imagenet": "imagenet_data_dir", "imagenet_tfds": "imagenet_data_dir"}
+
+
 def _check_dataset(name: str) -> None:
     if name not in DATASETS:
         raise ConfigError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+
+
+def data_dir(cfg) -> str | None:
+    """The directory ``cfg.dataset`` reads (its ``DATA_DIR_FIELDS`` field; None for
+    digits or when unset)."""
+    _check_dataset(cfg.dataset)
+    field = DATA_DIR_FIELDS[cfg.dataset]
+    return (getattr(cfg, field) or None) if field else None
+
+
+def check_data_dir(dataset: str, directory: str | None) -> None:
+    """Raises ConfigError / FileNotFoundError naming the flag when ``dataset`` needs a
+    directory and ``directory`` is unset or not one."""
+    _check_dataset(dataset)
+    field = DATA_DIR_FIELDS[dataset]
+    if field is None:
+        return
+    if not directory:
+        raise ConfigError(f"--dataset={dataset} needs --{field}.")
+    if "://" not in directory and not os.path.isdir(directory):  # URLs: the reader checks
+        raise FileNotFoundError(f"--{field}={directory!r} is not a directory.")
 
 
 def _tfrecord_datasets():

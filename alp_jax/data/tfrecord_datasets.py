@@ -123,7 +123,9 @@ def _check_common(dataset: str, image_size: int, local_batch_size: int, process_
 
 def _check_data_dir(dataset: str, data_dir: str | None) -> str:
     if not data_dir:
-        flag = "tiny_imagenet_data_dir" if dataset == "tiny_imagenet" else "imagenet_data_dir"
+        from alp_jax.data import DATA_DIR_FIELDS
+
+        flag = DATA_DIR_FIELDS[dataset]
         raise ValueError(f"Dataset {dataset!r} needs a data directory (--{flag}); got "
                          f"{data_dir!r}.")
     if not _tf().io.gfile.isdir(data_dir):
