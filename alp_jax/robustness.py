@@ -80,6 +80,9 @@ def config_from_flags(fv: flags.FlagValues | None = None) -> ml_collections.Conf
     for name in ("checkpoint_path", "output_dir"):
         if not fv[name].value:
             raise ValueError(f"--{name} is required.")
+    # The suite's own values fail fast, before any checkpoint is read.
+    given, _ = cli.config_from_command_line(cli.base_config(fv), FLAG_FIELDS, fv)
+    cli.validate_evaluation_fields(given)
     step_dir = checkpoints.resolve(fv.checkpoint_path)
     meta = checkpoints.read_meta(step_dir)
     if "config" not in meta and fv.config is None:

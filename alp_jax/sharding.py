@@ -257,13 +257,6 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Calla
                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_fn: Callable, variables_shardings: Any, mesh: Mesh) -> Callable:
-    """``eval_fn(variables, images, labels, key, mask)`` jitted with sharded inputs."""
-    data, rep = batch_sharding(mesh), replicated(mesh)
-    return jax.jit(eval_fn, in_shardings=(variables_shardings, data, data, rep, data),
-                   out_shardings=rep)
-
-
 def put_replicated(tree: Any, shardings: Any) -> Any:
     """Places host arrays (identical on every process) onto the given shardings."""
     return jax.tree_util.tree_map(

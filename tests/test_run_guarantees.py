@@ -408,7 +408,7 @@ def test_full_disk_is_one_clear_line(tmp_path):
 
 def test_demo_in_another_compute_dtype_trains_its_own_runs(tmp_path, monkeypatch):
     # The demo re-run with another --compute_dtype used to reuse the float32 runs.
-    from alp_jax import demo
+    from alp_jax import comparison, demo
 
     class Stop(Exception):
         pass
@@ -419,7 +419,7 @@ def test_demo_in_another_compute_dtype_trains_its_own_runs(tmp_path, monkeypatch
         seen.append((cfg.output_dir, cfg.compute_dtype))
         raise Stop
 
-    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(comparison, "train", fake_train)
     for dtype in (None, "bfloat16"):
         with pytest.raises(Stop):
             demo.run_demo(str(tmp_path), max_steps=1, compute_dtype=dtype)
