@@ -31,15 +31,14 @@ def load_for_eval(step_dir: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
     """(model, variables) of a checkpoint step: the moving averages when
     ``cfg.moving_average_decay`` > 0 (ValueError if the checkpoint has none)."""
     use_ema = cfg.moving_average_decay > 0
-    if use_ema:
-        raw, _, _ = checkpoints.load_raw(step_dir)
-        if raw.get("ema_params") is None:
-            raise ValueError(
-                f"--moving_average_decay={cfg.moving_average_decay} asks for moving "
-                f"averages, but {step_dir!r} has none (e.g. an imported release "
-                "checkpoint); pass --moving_average_decay=-1.")
-        del raw
-    return model_from_config(cfg), checkpoints.load_variables(step_dir, use_ema=use_ema)
+    tree, _, step_dir = checkpoints.load_raw(step_dir)  # read (and verified) once
+    if use_ema and tree.get("ema_params") is None:
+        raise ValueError(
+            f"--moving_average_decay={cfg.moving_average_decay} asks for moving "
+            f"averages, but {step_dir!r} has none (e.g. an imported release "
+            "checkpoint); pass --moving_average_decay=-1.")
+    variables = checkpoints.variables_from_tree(tree, step_dir, use_ema=use_ema)
+    return model_from_config(cfg), variables
 
 
 def evaluate(model: Any, variables: dict[str, Any], cfg: Any, *, attack: str = "clean",
