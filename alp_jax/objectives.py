@@ -26,15 +26,22 @@ for the others):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from alp_jax import losses, pgd
+from alp_jax import losses
+from alp_jax.attacks import pgd
 from alp_jax.attacks.common import inference_logits_fn
-from alp_jax.attacks.grammar import AttackSpec, generate_adversarial_examples, parse_attack
+from alp_jax.attacks.grammar import (
+    AttackSpec,
+    generate_adversarial_examples,
+    parse_attack,
+    resolve,
+)
 
 
 def split_mixed(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -177,17 +184,34 @@ def trades_objective(label_smoothing: float, beta: float, mixed: bool) -> Object
     return Objective(trades_craft, loss)
 
 
-# name -> factory(label_smoothing, weight, mixed); the weight is the term's coefficient.
-_REGISTRY: dict[str, Callable[[float, float, bool], Objective]] = {
+# name -> factory(label_smoothing, weight, mixed) (or "module:function" naming one); the
+# weight is the term's coefficient. ``register_objective`` is the one way to add to it.
+_REGISTRY: dict[str, str | Callable[[float, float, bool], Objective]] = {
     "alp": alp_objective,
     "clp": clp_objective,
     "lsq": lsq_objective,
     "trades": trades_objective,
 }
+_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
-def register_objective(name: str, factory: Callable[[float, float, bool], Objective]) -> None:
-    """Adds ``train_objective=name``; ``factory(label_smoothing, weight, mixed)`` builds it."""
+def register_objective(name: str, *,
+                       factory: str | Callable[[float, float, bool], Objective]) -> None:
+    """Adds ``train_objective=name``, as ``alp_jax.attacks.register_family`` adds an
+    attack: an explicit call (nothing registers on import), a taken name refused naming
+    it. ``factory(label_smoothing, weight, mixed) -> Objective`` (or a
+    ``"module:function"`` string naming it, imported on first use) builds the objective;
+    ``weight`` comes from ``objective_weight``, ``mixed`` is True when
+    ``train_adv_method`` is not ``clean``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"register_objective: name must be lowercase letters, digits and "
+                         f"'_', starting with a letter, got {name!r}.")
+    if name in _REGISTRY:
+        raise ValueError(f"register_objective: the objective {name!r} is already taken; "
+                         f"choose another name (taken: {', '.join(sorted(_REGISTRY))}).")
+    if not callable(factory) and not (isinstance(factory, str) and ":" in factory):
+        raise ValueError(f"register_objective({name!r}): factory must be a callable or a "
+                         f"'module:function' string, got {factory!r}.")
     _REGISTRY[name] = factory
 
 
@@ -203,7 +227,8 @@ def make_objective(name: str, attack: str | AttackSpec, *, label_smoothing: floa
     spec = parse_attack(attack)
     if name == "trades" and not spec.is_clean:
         trades_spec(spec)  # the spec's error now, not when the step is traced
-    return _REGISTRY[name](label_smoothing, weight, not spec.is_clean)
+    factory = resolve(_REGISTRY[name], f"train_objective {name!r}")
+    return factory(label_smoothing, weight, not spec.is_clean)
 
 
 def weight_field(name: str) -> str:

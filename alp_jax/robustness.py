@@ -19,6 +19,11 @@ robust) at each eps, with the same masking probes, and also writes
 ``autoattack_eps{E}.json`` (RobustBench-style: eps on the [0, 1] scale, clean and robust
 accuracy, the per-attack accuracies in order, the code version); no image grid.
 
+``--attack_modules=my_pkg.my_attacks`` imports each module named and calls its
+``register()``, which registers the user's own attack families
+(``alp_jax.attacks.register_family``) so that ``--attacks`` and ``--large_eps_attack`` can
+name them.
+
 The settings are config fields (``robustness_*``, ``attack_seed``, ``eval_batch_size``,
 ``num_examples``, ``split_name``; ``alp_jax.config``), built as ``alp_jax.eval`` builds its
 config: the checkpoint's recorded config, then the command line. This program only
@@ -34,6 +39,7 @@ import ml_collections
 from absl import app, flags
 
 from alp_jax import checkpoints, cli, engine
+from alp_jax.attacks import register_modules
 from alp_jax.evaluator import run_robustness
 
 # Program flags -> config fields (layered over the checkpoint's recorded config).
@@ -71,6 +77,10 @@ def define_flags(fv=None) -> None:
                         "accuracy to ~0 (default apgdce_128_50).", flag_values=fv)
     flags.DEFINE_integer("num_images", None, "Examples shown in adversarial_examples.png.",
                          flag_values=fv)
+    flags.DEFINE_list("attack_modules", [], "Comma-separated Python modules of your own "
+                      "attack families: each is imported and its register() called (it "
+                      "calls alp_jax.attacks.register_family) before any spec is read.",
+                      flag_values=fv)
 
 
 def config_from_flags(fv: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
@@ -101,6 +111,8 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     cli.maybe_initialize_distributed(fv)
     try:
+        # Before the config: the specs it holds may name the registered families.
+        register_modules(fv.attack_modules)
         cfg = config_from_flags(fv)
         cli.validate_config(cfg, training=False)
     except ValueError as e:

@@ -29,8 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alp_jax import pgd
-from alp_jax.attacks import common
+from alp_jax.attacks import common, pgd
 from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 from alp_jax.losses import softmax_cross_entropy
 

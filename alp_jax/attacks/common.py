@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from alp_jax import pgd
+from alp_jax.attacks import pgd
 from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 

@@ -44,8 +44,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alp_jax import pgd
-from alp_jax.attacks import apgd, common
+from alp_jax.attacks import apgd, common, pgd
 from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 ALPHA_MAX = 0.1

@@ -25,18 +25,36 @@ prediction as the label, ``pgdll``/``pgdrnd`` target the least likely / a random
 EPS, STEP and NITER may be 0 for them (EPS 0 runs the clean images through the attack,
 NITER 0 is the random start alone). ``pgdtrue`` is ``pgd`` with the true label.
 
-**The family interface** (one line per family in ``FAMILIES``; a new attack adds one):
-``Family.run`` names (``"module:function"``, imported on first use, so no import order
-decides anything) a pure function::
+**The family interface** (the one place it is written down). A family is one line of the
+table ``FAMILIES``: the built-in ones below, a researcher's own added by
+``register_family`` (an explicit call, never an import's side effect). Its ``run`` is a
+callable or a ``"module:function"`` string (imported on first use, so no import order
+decides anything) naming a pure function::
 
     run(logits_fn, images, key, spec, *, bounds, random_start, labels) -> adversarial images
 
-``logits_fn(x)`` gives inference-mode logits of a batch; ``images`` [N, ...] in ``bounds``;
-``key`` one PRNG key for the batch; ``spec`` the parsed ``AttackSpec`` (its ``eps``/``step``
-may be traced); ``labels`` the true labels (always passed by the engine; a family that
-attacks the prediction ignores them). The result is ``stop_gradient``-ed, inside the
-eps-ball and the bounds, and the function works under ``jit`` and ``vmap``. The engine
-(``alp_jax.engine``) runs it per example (``generate_per_example``), one key per example.
+- ``logits_fn(x)`` gives inference-mode logits of a batch ``x``; no gradient of the result
+  may reach what it closes over (the model's variables).
+- ``images`` [N, ...] in ``bounds = (lo, hi)``; ``key`` one PRNG key for the batch;
+  ``labels`` [N] the true labels or None (the engine always passes them; a family that
+  attacks the prediction ignores them).
+- ``spec`` is the parsed ``AttackSpec``: ``spec.eps``/``spec.step`` on the 0..255 scale
+  (multiply by ``(hi - lo) / 255``), and **they may be traced** (the engine compiles a
+  family once for every eps), so use them only in arithmetic, never in Python control
+  flow or shapes; ``spec.niter``, ``spec.restarts``, ``spec.targets``, ``spec.label`` and
+  ``spec.loss`` are Python values. A family that takes ``_rK`` runs ``spec.restarts`` runs
+  and keeps the worst case per example, run 0 with ``key`` itself (as
+  ``alp_jax.attacks.common.worst_case_runs`` does), so that ``_rK`` can only fool more;
+  one that takes ``_tK`` attacks ``spec.targets`` target classes.
+- ``random_start`` False starts at the clean images (exact comparisons).
+- The result has the shape and dtype of ``images``, lies inside the L-inf eps-ball around
+  them and inside ``bounds`` (``alp_jax.attacks.pgd.project`` does both), and is
+  ``jax.lax.stop_gradient``-ed.
+- It works under ``jit`` and ``vmap``: pure JAX, no Python side effects, no host
+  round-trips. The engine (``alp_jax.engine``) runs it under ``vmap`` on one-example
+  batches with one key per example (``generate_per_example``), jitted and sharded over
+  every device; training runs it on the whole batch with one key
+  (``generate_adversarial_examples``).
 """
 
 from __future__ import annotations
@@ -45,8 +63,10 @@ import dataclasses
 import importlib
 import math
 import numbers
+import re
+import types
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -67,7 +87,8 @@ class Family:
 
     fields: tuple[str, ...]  # the integer fields after the name, e.g. ("EPS", "STEP", "NITER")
     suffixes: str  # the suffix letters it takes, in canonical order ("r", "tr")
-    run: str  # "module:function" with the family interface (module docstring)
+    run: str | Callable[..., jax.Array]  # the family interface (module docstring), or
+    # "module:function" naming it
     label: str = "true"  # one of LABELS
     loss: str = "xent"  # objective: xent, cw (margin), dlr, margin (Square)
     black_box: bool = False  # only queries the model's outputs (no gradients)
@@ -77,8 +98,8 @@ class Family:
 _PGD = ("EPS", "STEP", "NITER")
 _KRUN = "alp_jax.attacks.restarts:run"
 
-# The attack families, one line each.
-FAMILIES: dict[str, Family] = {
+# The attack families, one line each (built in; ``register_family`` adds more).
+_FAMILIES: dict[str, Family] = {
     "pgd": Family(_PGD, "r", _KRUN, label="prediction", zero_ok=True),
     "pgdll": Family(_PGD, "r", _KRUN, label="least_likely", zero_ok=True),
     "pgdrnd": Family(_PGD, "r", _KRUN, label="random", zero_ok=True),
@@ -90,6 +111,8 @@ FAMILIES: dict[str, Family] = {
                      black_box=True),
     "fabt": Family(("EPS", "NITER"), "tr", "alp_jax.attacks.fab:run", loss="margin"),
 }
+# The table, read-only: ``register_family`` is the one way to add to it.
+FAMILIES: Mapping[str, Family] = types.MappingProxyType(_FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,12 +290,111 @@ def seed_index(spec: str | AttackSpec) -> int:
     return zlib.crc32(seed_name(spec).encode()) & 0x7FFFFFFF
 
 
+# ---- registration ---------------------------------------------------------------------------
+
+# The field layouts the grammar can parse, format, rescale (``with_eps``) and template: EPS
+# first, then STEP, then one count (NITER or NQUERIES), each optional after EPS.
+LAYOUTS = tuple((("EPS",) + step + count) for step in ((), ("STEP",))
+                for count in ((), ("NITER",), ("NQUERIES",)))
+_SUFFIX_SETS = ("", "r", "t", "tr")  # canonical order: _tK before _rK
+_NAME = re.compile(r"[a-z][a-z0-9]*\Z")
+_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+
+
+def register_family(name: str, *, fields: Iterable[str], run: str | Callable[..., jax.Array],
+                    suffixes: str = "", label: str = "true", loss: str = "xent",
+                    black_box: bool = False, zero_ok: bool = False) -> Family:
+    """Adds the attack family ``name``: from this call on, ``NAME_F1[_F2...][_SUFFIX...]``
+    is a spec everywhere one is accepted (training, ``alp-eval``, the robustness suite,
+    the masking probes, ``generate_adversarial_examples``), with per-example keys,
+    ``with_eps`` and templates as for the built-in families.
+
+    ``fields``: one of ``LAYOUTS``, e.g. ``("EPS", "STEP", "NITER")``; ``run``: a callable
+    with the family interface (this module's docstring) or a ``"module:function"`` string
+    naming one (imported when a spec of it first runs); ``suffixes``: which of ``_tK``
+    and ``_rK`` it takes (``""``, ``"r"``, ``"t"``, ``"tr"``; ``run`` then honours
+    ``spec.targets`` / ``spec.restarts``); ``label``: what it attacks, one of ``LABELS``
+    (``"true"``: the true labels, ``"prediction"``: the model's clean prediction; it sets
+    ``spec.label``); ``loss``: its objective's name, recorded as ``spec.loss``;
+    ``black_box``: it only queries the logits (the masking checks compare such attacks
+    with the white-box ones); ``zero_ok``: EPS, STEP and NITER may be 0.
+
+    Nothing registers on import: call this once (e.g. from your module's ``register()``,
+    which ``alp-robustness --attack_modules`` calls). A taken name is refused, naming it.
+    Returns the family's table line.
+    """
+    if not isinstance(name, str) or not _NAME.match(name) or name == "clean":
+        raise ValueError(f"register_family: name must be lowercase letters and digits, "
+                         f"starting with a letter, not 'clean' (no '_': it separates the "
+                         f"spec's fields), got {name!r}.")
+    if name in _FAMILIES:
+        raise ValueError(f"register_family: the attack family {name!r} is already taken "
+                         f"({form(name)}); choose another name.")
+    fields = tuple(fields) if not isinstance(fields, str) else (fields,)
+    if fields not in LAYOUTS:
+        raise ValueError(f"register_family({name!r}): fields {fields} is not a layout the "
+                         f"grammar takes; valid: {', '.join('_'.join(f) for f in LAYOUTS)}.")
+    if suffixes not in _SUFFIX_SETS:
+        raise ValueError(f"register_family({name!r}): suffixes {suffixes!r} is not one of "
+                         f"{', '.join(map(repr, _SUFFIX_SETS))} (t: _tK, r: _rK).")
+    if label not in LABELS:
+        raise ValueError(f"register_family({name!r}): label {label!r} is not one of "
+                         f"{', '.join(LABELS)}.")
+    if not isinstance(loss, str) or not loss:
+        raise ValueError(f"register_family({name!r}): loss must be a non-empty name, "
+                         f"got {loss!r}.")
+    if not callable(run) and not (isinstance(run, str) and _REF.match(run)):
+        raise ValueError(f"register_family({name!r}): run must be a callable or a "
+                         f"'module:function' string, got {run!r}.")
+    family = Family(fields, suffixes, run, label=label, loss=loss, black_box=bool(black_box),
+                    zero_ok=bool(zero_ok))
+    _FAMILIES[name] = family
+    return family
+
+
+def resolve(ref: str | Callable[..., Any], what: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` reference names (a callable is returned as it
+    is); ``what`` names its owner in the error."""
+    if callable(ref):
+        return ref
+    module, _, attr = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what}: cannot load {ref!r} ({type(e).__name__}: {e}).") from None
+    if not callable(fn):
+        raise ValueError(f"{what}: {ref!r} is not a function.")
+    return fn
+
+
+def register_modules(modules: Iterable[str]) -> list[str]:
+    """Imports each module named and calls its ``register()`` (which calls
+    ``register_family`` and, if it likes, ``objectives.register_objective``); a name given
+    twice is loaded once. Returns the modules loaded. This is what ``--attack_modules``
+    does: importing a module registers nothing, calling its ``register()`` does."""
+    loaded = []
+    for module in dict.fromkeys(m.strip() for m in modules if m.strip()):
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", module):
+            raise ValueError(f"--attack_modules: {module!r} is not a module name.")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"--attack_modules: cannot import {module!r} "
+                             f"({type(e).__name__}: {e}).") from None
+        if not callable(getattr(mod, "register", None)):
+            raise ValueError(f"--attack_modules: module {module!r} has no register() "
+                             "function; define one that calls "
+                             "alp_jax.attacks.register_family(...).")
+        mod.register()
+        loaded.append(module)
+    return loaded
+
 # ---- running ------------------------------------------------------------------------------
 
 def attack_function(spec: str | AttackSpec) -> AttackFn:
     """The family function that runs ``spec`` (imported on first use)."""
-    module, _, name = parse_attack(spec).family.run.partition(":")
-    return getattr(importlib.import_module(module), name)
+    spec = parse_attack(spec)
+    return resolve(spec.family.run, f"attack family {spec.method!r}")
 
 
 def generate_adversarial_examples(

@@ -4,7 +4,7 @@ Serves every PGD family of ``alp_jax.attacks.grammar.FAMILIES``: ``pgd``, ``pgdl
 ``pgdrnd`` (the original methods, against the model's prediction), ``pgdtrue`` (the true
 label) and ``pgdcw`` (ascends the CW margin ``max_{j != y} z_j - z_y`` of the true label, no
 softmax to saturate). ``_rK`` changes nothing but the number of runs: one run is exactly
-``alp_jax.pgd.run_pgd``, whatever the suffix says.
+``alp_jax.attacks.pgd.run_pgd``, whatever the suffix says.
 
 A K-run attack keeps, per example, the first run that fools it (moves it off the reference
 label: the prediction for ``pgd``/``pgdll``/``pgdrnd``, the true label otherwise), else
@@ -18,8 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alp_jax import pgd
-from alp_jax.attacks import common
+from alp_jax.attacks import common, pgd
 from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alp_jax import pgd
-from alp_jax.attacks import common
+from alp_jax.attacks import common, pgd
 from alp_jax.attacks.grammar import AttackSpec, Bounds, LogitsFn
 
 P_INIT = 0.8

@@ -30,12 +30,16 @@ def default_probes(attacks: Sequence[str], *, large_eps_attack: str = "apgdce_12
                    iteration_factor: int = 4, restarts: int = 5) -> MaskingProbes:
     """Probes built from the suite's first multi-run PGD (else ``pgdtrue_16_2_10_rK``).
 
+    A PGD here is any white-box family with a STEP and NITER field, registered ones too
+    (``grammar.register_family``): its NITER and restarts are what the probes vary.
+
     ``pgdtrue_16_2_20_r5`` in the suite gives base ``pgdtrue_16_2_20`` (one run), more
     iterations ``pgdtrue_16_2_80`` and more restarts ``pgdtrue_16_2_20_r5`` (already
     computed; the same randomness as the base, so it can only fool more).
     """
     ref = next((s for s in map(grammar.parse_attack, attacks)
-                if s.method.startswith("pgd") and s.restarts > 1), None)
+                if not s.is_clean and s.family.fields[1:] == ("STEP", "NITER")
+                and not s.family.black_box and s.restarts > 1), None)
     if ref is None:
         ref = grammar.parse_attack(f"pgdtrue_16_2_10_r{restarts}")
     base = dataclasses.replace(ref, restarts=1)
