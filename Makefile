@@ -1,7 +1,8 @@
 # Two entry points, each creating .venv and installing what it needs:
 #   make demo   trains and attacks a baseline and an ALP model on digits (CPU, minutes)
 #   make test   installs the test extras (TensorFlow for the data and parity tests) and
-#               runs ruff and the whole test suite
+#               runs ruff and the whole test suite (what CI runs)
+#   make test-fast  the same without the slow tests (the inner loop, a few minutes)
 #   make test-lower  the tests (not the slow ones) in $(LOWER_VENV), with the oldest
 #               supported JAX stack (constraints-lower.txt); not part of `make test`
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 LOWER_VENV ?= .venv-lower
 LOWER_PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test test-lower lint clean
+.PHONY: demo test test-fast test-lower lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +32,18 @@ demo: $(VENV)/.installed-core
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 
+# Two pytest-xdist workers: XLA compiles on one thread, so two workers keep both cores of
+# a small machine busy. Tests that share one expensive launch (a two-process cluster, a
+# trained model) carry xdist_group marks; --dist loadgroup keeps each group on one worker.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadgroup
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: lint
-	$(PY) -m pytest -q -ra --durations=15 tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PYTEST) tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+test-fast: lint
+	$(PYTEST) -m "not slow" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 # The lower bounds of pyproject.toml's JAX stack, installed exactly; the rest resolves to
 # the newest releases that fit them.

@@ -1,15 +1,60 @@
-"""Session fixtures shared by the test files (built from ``tests/helpers.py``).
+"""Session fixtures shared by the test files (built from ``tests/helpers.py``), and the
+run's shared XLA compilation cache.
 
 - ``small_variables``: one fresh initialisation of the small model (compiled once).
 - ``trained_digits``: the small model trained for 150 steps of the default recipe on
   clean 16x16 digits (about 95% validation accuracy), reused by the attack and train-step
   tests instead of retraining in each.
+
+Most of the suite's time on CPU is XLA compiling the same few computations again: every
+program a test launches compiles the same train step, and each pytest-xdist worker
+compiles the same fixtures. JAX's persistent compilation cache lets every process of one
+test run (pytest, its workers and the programs they launch, which inherit the
+environment) compile each computation once. The directory is new for every run and
+removed at its end, so a run proves what it proved without the cache: the same
+computations run, only their compilation is shared. ``ALP_JAX_TEST_XLA_CACHE=DIR`` keeps
+a cache across runs instead (the inner loop), ``ALP_JAX_TEST_XLA_CACHE=off`` turns it off.
 """
 
 from __future__ import annotations
 
-import helpers
-import pytest
+import os
+import shutil
+import tempfile
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWNS_CACHE = False
+
+
+def _share_compilation_cache() -> None:
+    """Points this process and everything it starts at one compilation cache (set before
+    JAX is imported: JAX reads these variables when it starts)."""
+    global _OWNS_CACHE
+    choice = os.environ.get("ALP_JAX_TEST_XLA_CACHE", "")
+    if choice == "off" or _CACHE_ENV in os.environ:  # off, or a worker of a run that has one
+        return
+    if choice:
+        os.makedirs(choice, exist_ok=True)
+        os.environ[_CACHE_ENV] = choice
+    else:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="alp-jax-test-xla-")
+        _OWNS_CACHE = True
+    # Cache every computation: the tests' small models compile in under JAX's default
+    # one-second threshold, and there are thousands of them.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_share_compilation_cache()
+
+import helpers  # noqa: E402 (imports JAX, which reads the cache settings above)
+import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    del config
+    if _OWNS_CACHE:  # the process that made the directory (the run's controller)
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
