@@ -5,7 +5,10 @@ TrainState pytree (or, for imported weights, just ``params``/``batch_stats``), `
 JSON dict (model name, number of classes, config), ``integrity`` a checksum per top-level
 group of ``state`` (``params``, ``opt_state``, ``ema_params``, ...), computed on the
 devices at save time and verified after every restore, so flipped bytes are reported as
-a damaged checkpoint instead of turning into NaN weights. Orbax writes each step into a
+a damaged checkpoint instead of turning into NaN weights. A checkpoint without checksums
+(the ``integrity`` item missing) is refused unless the load allows it
+(``allow_unverified``: ``--allow_unverified_checkpoint``, for checkpoints written before
+checksums existed), and then each load logs a warning. Orbax writes each step into a
 temporary directory and renames it when complete, so an interrupted save leaves no
 corrupt checkpoint. All processes of a multi-host job call save and restore together.
 
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"
@@ -51,6 +55,24 @@ class CheckpointDamaged(CheckpointError):
     def __init__(self, step_dir: str, reason: str):
         self.step_dir, self.reason = step_dir, reason
         super().__init__(f"Checkpoint {step_dir} is damaged: {reason}")
+
+
+ALLOW_UNVERIFIED_FLAG = "--allow_unverified_checkpoint"
+
+
+class CheckpointUnverified(CheckpointError):
+    """A checkpoint has no recorded checksums, and the load did not allow that.
+
+    Not a CheckpointDamaged: training must refuse it, not move it aside and fall back.
+    """
+
+    def __init__(self, step_dir: str):
+        self.step_dir = step_dir
+        super().__init__(
+            f"Checkpoint {step_dir} has no checksums (its integrity item is missing), so "
+            "its values cannot be verified; if it was written before checksums existed, "
+            f"pass {ALLOW_UNVERIFIED_FLAG} (config field allow_unverified_checkpoint) to "
+            "load it anyway.")
 
 
 # ---- integrity --------------------------------------------------------------------------
@@ -131,11 +153,15 @@ def non_finite_groups(tree: Any) -> list[str]:
 
 def verify(tree: Any, recorded: dict[str, Any] | None, step_dir: str) -> None:
     """Raises CheckpointDamaged unless ``tree`` matches the checksums saved with it and
-    is finite. Checkpoints written before checksums existed are only checked for
-    finiteness."""
+    is finite. ``recorded`` None (a load that ``required_checksums`` allowed without them)
+    checks finiteness only."""
     fp = fingerprint(tree)
     bad = [name for name, f in fp.items() if not f["finite"]]
-    if recorded:
+    if recorded is not None:
+        uncovered = sorted(set(fp) - set(recorded))
+        if uncovered:  # an integrity item cut down by hand covers only part of the state
+            raise CheckpointDamaged(step_dir, "no checksum recorded for "
+                                    + ", ".join(uncovered))
         for name, rec in recorded.items():
             if name in fp and fp[name]["checksum"] != rec:
                 bad.append(name)
@@ -305,20 +331,23 @@ def abstract_like(tree: Any) -> Any:
         tree)
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, like: Any) -> Any:
+def restore_state(mngr: ocp.CheckpointManager, step: int, like: Any, *,
+                  allow_unverified: bool = False) -> Any:
     """Restores step ``step`` onto the structure, dtypes and shardings of ``like``.
 
     The shardings of ``like`` decide the placement, so a checkpoint written on N devices
     restores onto any other device count. Raises CheckpointDamaged when the files cannot
-    be read or the values do not match their recorded checksums.
+    be read or the values do not match their recorded checksums, CheckpointUnverified
+    when there are no checksums (unless ``allow_unverified``).
     """
     step_dir = os.path.join(str(mngr.directory), str(int(step)))
+    integrity = required_checksums(step_dir, allow_unverified)  # before the state is read
     try:
         restored = mngr.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(like))))
     except Exception as e:  # noqa: BLE001 (any unreadable file is damage, reported by step)
         raise CheckpointDamaged(step_dir, _first_line(e)) from e
-    verify(restored["state"], read_integrity(step_dir), step_dir)
+    verify(restored["state"], integrity, step_dir)
     return restored["state"]
 
 
@@ -400,13 +429,42 @@ def _read_json_item(step_dir: str, item: str) -> dict[str, Any] | None:
 
 
 def read_meta(step_dir: str) -> dict[str, Any]:
-    """The checkpoint's meta dict ({} when it has none); CheckpointDamaged if unreadable."""
-    return _read_json_item(step_dir, "meta") or {}
+    """The checkpoint's meta dict; CheckpointDamaged if it is missing or unreadable (every
+    checkpoint this code writes has one: without it the model would be guessed)."""
+    meta = _read_json_item(step_dir, "meta")
+    if meta is None:
+        raise CheckpointDamaged(step_dir, "its meta item (meta/metadata: the model and "
+                                "config it was trained with) is missing")
+    return meta
+
+
+def vanished(step_dir: str, wait_s: float = 2.0) -> bool:
+    """Whether ``step_dir`` is gone, or goes within ``wait_s`` (a rotation deleting it
+    removes files first and the directory last), rather than being damaged in place."""
+    deadline = time.time() + wait_s
+    while os.path.isdir(step_dir):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def read_integrity(step_dir: str) -> dict[str, str] | None:
     """The checksums recorded at save time, or None for checkpoints written without."""
     return _read_json_item(step_dir, "integrity")
+
+
+def required_checksums(step_dir: str, allow_unverified: bool = False) -> dict[str, str] | None:
+    """The checksums every load verifies against. None only with ``allow_unverified``
+    (logged as a warning on each load); otherwise a checkpoint without them raises
+    CheckpointUnverified."""
+    integrity = read_integrity(step_dir)
+    if integrity is None:
+        if not allow_unverified:
+            raise CheckpointUnverified(step_dir)
+        logging.warning("Loading %s without checksums (%s): its values are not verified.",
+                        step_dir, ALLOW_UNVERIFIED_FLAG)
+    return integrity
 
 
 class _NoMissingMetadataWarning:
@@ -416,17 +474,21 @@ class _NoMissingMetadataWarning:
         return "Metadata file does not exist" not in record.getMessage()
 
 
-def load_raw(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+def load_raw(path: str, *, allow_unverified: bool = False
+             ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(state tree as nested dicts of NumPy arrays, meta, step dir) of a checkpoint.
 
     Raises CheckpointDamaged (naming the step directory) when the files cannot be read,
-    do not match the checksums recorded at save time, or hold NaN or infinity.
+    do not match the checksums recorded at save time, or hold NaN or infinity;
+    CheckpointUnverified, before reading the state, when it has no checksums (unless
+    ``allow_unverified``: then a warning).
     """
-    import logging
+    import logging as pylogging
 
     step_dir = resolve(path)
+    integrity = required_checksums(step_dir, allow_unverified)  # before the state is read
     quiet = _NoMissingMetadataWarning()
-    logging.getLogger("absl").addFilter(quiet)
+    pylogging.getLogger("absl").addFilter(quiet)
     try:
         tree, meta, step_dir = _load_raw(step_dir)
     except CheckpointDamaged:
@@ -434,9 +496,9 @@ def load_raw(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     except Exception as e:  # noqa: BLE001 (any unreadable file is damage, reported by path)
         raise CheckpointDamaged(step_dir, _first_line(e)) from e
     finally:
-        logging.getLogger("absl").removeFilter(quiet)
+        pylogging.getLogger("absl").removeFilter(quiet)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        verify(tree, read_integrity(step_dir), step_dir)
+        verify(tree, integrity, step_dir)
     return tree, meta, step_dir
 
 
@@ -457,9 +519,10 @@ def _load_raw(step_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     return tree, read_meta(step_dir), step_dir
 
 
-def load_variables(path: str, *, use_ema: bool = False) -> dict[str, Any]:
+def load_variables(path: str, *, use_ema: bool = False,
+                   allow_unverified: bool = False) -> dict[str, Any]:
     """Model variables from a checkpoint, the moving averages when ``use_ema`` and present."""
-    tree, _, step_dir = load_raw(path)
+    tree, _, step_dir = load_raw(path, allow_unverified=allow_unverified)
     return variables_from_tree(tree, step_dir, use_ema=use_ema)
 
 

@@ -35,6 +35,9 @@ COMMON_FLAGS = _COMMON = {
     "dataset_image_size": (flags.DEFINE_integer, "Image size (single number)."),
     "imagenet_data_dir": (flags.DEFINE_string, "Directory with ImageNet TFRecords (or TFDS)."),
     "tiny_imagenet_data_dir": (flags.DEFINE_string, "Directory with Tiny ImageNet TFRecords."),
+    "allow_unverified_checkpoint": (
+        flags.DEFINE_bool, "Load a checkpoint that has no checksums (written before they "
+        "existed), with a warning; otherwise it is refused."),
 }
 
 
@@ -159,6 +162,9 @@ def checkpoint_config(meta: dict[str, Any], flag_fields: dict[str, str],
         for key in ("model_name", "num_classes"):
             if key in meta and key not in given:
                 cfg[key] = meta[key]
+        if "allow_unverified_checkpoint" not in given:
+            # Accepting unverified weights is this command's decision, never a recorded one.
+            cfg.allow_unverified_checkpoint = False
     if cfg.num_classes <= 0:
         from alp_jax import data
 
@@ -486,7 +492,7 @@ def run_program(main: Callable[[list[str]], Any], define_flags: Callable[[], Non
             sys.stderr.write(f"FATAL config error: {e}\n")
             sys.exit(1)
         except (checkpoints.CheckpointError, run_dir.OutputDirInUse,
-                run_dir.ResumeMismatch) as e:
+                run_dir.OutputDirNotWritable, run_dir.ResumeMismatch) as e:
             # Damaged checkpoints, a busy or another run's directory: the message says
             # what and where; a traceback would only bury it.
             sys.stderr.write(f"FATAL: {e}\n")

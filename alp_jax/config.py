@@ -85,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     # run whose recorded config differs unless allow_resume_changes.
     c.max_loss = 0.0
     c.allow_resume_changes = False
+    # Load checkpoints that have no checksums (written before checksums existed), with a
+    # warning on each load; otherwise they are refused. Never taken from a recorded config.
+    c.allow_unverified_checkpoint = False
     # Evaluation.
     c.eval_name = "default"
     c.adv_method = "clean"

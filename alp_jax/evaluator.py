@@ -8,6 +8,7 @@ process, attack randomness per example (``attack_seed``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,29 +17,67 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from alp_jax import checkpoints, cli, data, engine, provenance, run_dir, sharding, summaries
 from alp_jax.attacks import grammar
 from alp_jax.engine import autoattack
 from alp_jax.engine import suite as suite_lib
+from alp_jax.errors import ConfigError
 from alp_jax.model import model_from_config
 
 DONE_FILE = "TRAINING_DONE.json"
 
 
-def load_for_eval(step_dir: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
-    """(model, variables) of a checkpoint step: the moving averages when
-    ``cfg.moving_average_decay`` > 0 (ValueError if the checkpoint has none)."""
+def check_before_load(cfg: Any, meta: dict[str, Any], step_dir: str,
+                      process_count: int) -> None:
+    """ConfigError for what is known wrong before a checkpoint's state is read: an
+    ``eval_batch_size`` that does not split over ``process_count`` processes, or a
+    ``model_name`` / ``num_classes`` other than the ones the checkpoint's ``meta`` records."""
+    try:
+        engine.core.padded_local_size(cfg.eval_batch_size, 1, process_count)
+    except ValueError as e:  # the engine owns the rule; here it becomes the flag's error
+        raise ConfigError(f"--eval_batch_size={cfg.eval_batch_size}: {e} Pass a multiple "
+                          f"of {process_count}.") from None
+    recorded = meta.get("model_name")
+    if recorded is not None and cfg.model_name != recorded:
+        raise ConfigError(
+            f"model_name {cfg.model_name} does not match checkpoint {step_dir}, which "
+            f"holds a {recorded}; leave model_name unset to use the checkpoint's.")
+    classes = meta.get("num_classes")
+    if classes is not None and cfg.num_classes > 0 and cfg.num_classes != classes:
+        raise ConfigError(
+            f"num_classes {cfg.num_classes} does not match checkpoint {step_dir}, which "
+            f"has {classes} classes; leave num_classes unset to use the checkpoint's.")
+
+
+def _load(step_dir: str, cfg: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model, variables, meta) of a checkpoint step; see ``load_for_eval``."""
+    meta = checkpoints.read_meta(step_dir)
+    check_before_load(cfg, meta, step_dir, jax.process_count())
     use_ema = cfg.moving_average_decay > 0
-    tree, _, step_dir = checkpoints.load_raw(step_dir)  # read (and verified) once
+    tree, _, step_dir = checkpoints.load_raw(  # read (and verified) once
+        step_dir, allow_unverified=cfg.allow_unverified_checkpoint)
     if use_ema and tree.get("ema_params") is None:
         raise ValueError(
             f"--moving_average_decay={cfg.moving_average_decay} asks for moving "
             f"averages, but {step_dir!r} has none (e.g. an imported release "
             "checkpoint); pass --moving_average_decay=-1.")
     variables = checkpoints.variables_from_tree(tree, step_dir, use_ema=use_ema)
-    return model_from_config(cfg), variables
+    return model_from_config(cfg), variables, meta
+
+
+def load_for_eval(step_dir: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, variables) of a checkpoint step: the moving averages when
+    ``cfg.moving_average_decay`` > 0 (ValueError if the checkpoint has none).
+
+    ``check_before_load`` runs first, so a batch that does not split over the processes
+    or a model other than the recorded one is refused before the state is read; a
+    checkpoint without checksums is refused unless ``cfg.allow_unverified_checkpoint``.
+    """
+    model, variables, _ = _load(step_dir, cfg)
+    return model, variables
 
 
 def evaluate(model: Any, variables: dict[str, Any], cfg: Any, *, attack: str = "clean",
@@ -64,10 +103,7 @@ def evaluate_specs(model: Any, variables: dict[str, Any], cfg: Any, attacks: lis
     """``{attack: {'top1', 'top5', 'count'}}`` for several specs in one pass over the data
     (the clean pass is shared); see ``evaluate``."""
     mesh = mesh or sharding.make_mesh()
-    batch = cfg.eval_batch_size
-    if batch % jax.process_count():
-        raise ValueError(f"eval_batch_size {batch} does not divide by the "
-                         f"{jax.process_count()} processes.")
+    batch = cfg.eval_batch_size  # the engine checks it splits over the processes
     drop = cfg.get("eval_drop_remainder", True) if drop_remainder is None else drop_remainder
     seed = cfg.get("attack_seed", 0) if seed is None else seed
     batches, total = engine.split_batches(cfg, data.data_dir(cfg), batch, split=split,
@@ -108,8 +144,13 @@ def evaluate_specs(model: Any, variables: dict[str, Any], cfg: Any, attacks: lis
 def evaluate_checkpoint(step_dir: str, cfg: Any, summary_dir: str | None,
                         output_file: str | None = None) -> dict[str, float]:
     """Evaluates one checkpoint directory; writes summaries and the CSV row."""
-    meta = checkpoints.read_meta(step_dir)
-    model, variables = load_for_eval(step_dir, cfg)
+    return _evaluate_loaded(step_dir, _load(step_dir, cfg), cfg, summary_dir, output_file)
+
+
+def _evaluate_loaded(step_dir: str, loaded: tuple[Any, dict[str, Any], dict[str, Any]],
+                     cfg: Any, summary_dir: str | None,
+                     output_file: str | None) -> dict[str, float]:
+    model, variables, meta = loaded
     result = evaluate(model, variables, cfg, attack=cfg.adv_method,
                       num_examples=cfg.num_examples, split=cfg.split_name)
     base = os.path.basename(step_dir)
@@ -138,27 +179,74 @@ def _done_step(train_dir: str) -> int | None:
         return int(json.load(f)["step"])
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process must call this)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _from_process_zero(step: int | None, done: int | None) -> tuple[int | None, int | None]:
+    """Process 0's view of (newest step, finished step), so that every process of a
+    cluster evaluates the same checkpoint and stops at the same time."""
+    if jax.process_count() == 1:
+        return step, done
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.broadcast_one_to_all(
+        np.array([-1 if step is None else step, -1 if done is None else done], np.int64))
+    return tuple(None if int(v) < 0 else int(v) for v in got)
+
+
+def _load_unless_rotated(step_dir: str, config_for: Callable[[dict[str, Any]], Any]
+                         ) -> tuple[Any, tuple[Any, dict[str, Any], dict[str, Any]]] | None:
+    """(config, loaded) of a checkpoint step, or None when training's rotation removed the
+    step while it was being read (agreed by every process). A step still present but
+    unreadable is damage: CheckpointDamaged naming it."""
+    try:
+        cfg = config_for(checkpoints.read_meta(step_dir))
+        cli.validate_config(cfg, training=False)
+        loaded, error = (cfg, _load(step_dir, cfg)), None
+    except (checkpoints.CheckpointDamaged, FileNotFoundError) as e:
+        loaded, error = None, e
+    gone = error is not None and checkpoints.vanished(step_dir)
+    if _any_process(gone):
+        return None
+    if error is not None:
+        raise error
+    return loaded
+
+
 def continuous_eval(train_dir: str, config_for: Callable[[dict[str, Any]], Any],
                     interval: float, once: bool, output_file: str | None = None) -> None:
     """Evaluates the newest checkpoint whenever a new one appears, until training ends.
 
     ``config_for(meta)`` gives the config of a checkpoint from its recorded meta (the
-    program: its recorded config with the command line on top)."""
+    program: its recorded config with the command line on top). A checkpoint that
+    training's rotation (``keep_checkpoints``) removes while it is being read is skipped
+    with one log line and the newest one present taken next; one still there but
+    unreadable is reported as damaged (CheckpointDamaged, naming the step)."""
     evaluated: set[int] = set()
     while True:
-        step = checkpoints.latest_step(train_dir)
+        step, done = _from_process_zero(checkpoints.latest_step(train_dir),
+                                        _done_step(train_dir))
         if step is not None and step not in evaluated:
-            step_dir = os.path.join(checkpoints.checkpoint_dir(train_dir), str(step))
-            cfg = config_for(checkpoints.read_meta(step_dir))
-            cli.validate_config(cfg, training=False)
-            evaluate_checkpoint(step_dir, cfg, os.path.join(train_dir, cfg.eval_name),
-                                output_file)
+            step_dir = checkpoints.step_dir(train_dir, step)
+            loaded = _load_unless_rotated(step_dir, config_for)
+            if loaded is None:
+                logging.warning("Checkpoint %s was removed by training's checkpoint rotation "
+                                "while being read; skipping it for the newest one.", step_dir)
+                continue
+            cfg, model_variables_meta = loaded
+            _evaluate_loaded(step_dir, model_variables_meta, cfg,
+                             os.path.join(train_dir, cfg.eval_name), output_file)
             evaluated.add(step)
             if once:
                 return
         elif once and step is None:
             raise FileNotFoundError(f"No checkpoint in {train_dir!r} to evaluate.")
-        done = _done_step(train_dir)
         if done is not None and done in evaluated:
             logging.info("Training finished at step %d; evaluation done.", done)
             return
@@ -173,16 +261,29 @@ def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_
 
     ``cfg`` is a full config (``config_from_flags``, or ``default_config()`` with fields
     set). Returns ``{'result', 'checks', 'paths', 'probes', 'num_examples'}``.
+
+    Process 0 holds ``output_dir``'s lock (``run_dir.OutputDirLock``, as training does)
+    for the whole run: a second run into the same directory is refused at once, and an
+    unwritable one is refused before any attack (OutputDirNotWritable).
     """
     cli.validate_config(cfg, training=False)
     if not output_dir:
         raise ValueError("--output_dir is required.")
+    lock = (run_dir.OutputDirLock(output_dir) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _run_robustness(cfg, checkpoint_path, output_dir, log=log, progress=progress,
+                               mesh=mesh)
+
+
+def _run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_dir: str, *,
+                    log: Callable[[str], None],
+                    progress: Callable[[engine.Progress], None] | None,
+                    mesh: Any) -> dict[str, Any]:
     preset = autoattack.is_preset(cfg.robustness_attacks)
     eps = suite_lib.parse_eps_list(cfg.robustness_eps, "robustness_eps")
     attacks = (autoattack.standard_specs(max(eps), cfg.num_classes) if preset else
                suite_lib.parse_attack_list(cfg.robustness_attacks, "robustness_attacks"))
-    if jax.process_index() == 0:
-        run_dir.check_writable(output_dir)
     step_dir = checkpoints.resolve(checkpoint_path)
     use_ema = cfg.moving_average_decay > 0
     model, variables = load_for_eval(step_dir, cfg)

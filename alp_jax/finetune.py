@@ -13,7 +13,8 @@ from alp_jax import checkpoints, slim_names
 def finetune_variables(fresh: dict[str, Any], checkpoint_path: str, *,
                        exclude_scopes: str | list[str] = "",
                        trainable_scopes: str | list[str] = "",
-                       use_ema: bool = False) -> dict[str, Any]:
+                       use_ema: bool = False,
+                       allow_unverified: bool = False) -> dict[str, Any]:
     """``fresh`` variables with every variable outside ``exclude_scopes`` loaded.
 
     Excluded variables keep their fresh initialisation. With ``use_ema`` (and moving
@@ -22,14 +23,16 @@ def finetune_variables(fresh: dict[str, Any], checkpoint_path: str, *,
     ``trainable_scopes``, or all when none are given) take their moving averages; frozen
     parameters and the BatchNorm statistics, which are never trainable, take their raw
     values. A scope that matches no variable, a variable the checkpoint lacks, or a shape
-    that differs raises a ValueError naming them.
+    that differs raises a ValueError naming them. A checkpoint without checksums is
+    refused (CheckpointUnverified) unless ``allow_unverified``.
     """
     names = slim_names.slim_names(fresh)
     exclude = slim_names.parse_scopes(exclude_scopes)
     slim_names.check_scopes(exclude, names, "--finetune_exclude_pretrained_scopes")
     slim_names.check_scopes(slim_names.parse_scopes(trainable_scopes), names,
                             "--finetune_trainable_scopes")
-    raw, _, step_dir = checkpoints.load_raw(checkpoint_path)
+    raw, _, step_dir = checkpoints.load_raw(checkpoint_path,
+                                            allow_unverified=allow_unverified)
     if use_ema and raw.get("ema_params") is None:
         logging.warning("Checkpoint %s has no moving averages; loading its raw values.",
                         step_dir)

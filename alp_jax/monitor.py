@@ -55,6 +55,23 @@ def summary_images_fn(model: Any, objective: Any, attack: Any, bounds: tuple[flo
     return images_fn
 
 
+def fetch(tree: Any) -> Any:
+    """NumPy copies of ``tree``'s arrays on every process.
+
+    An array spread over several processes' devices (the summary images of a sharded
+    batch) cannot be fetched by ``jax.device_get`` on a cluster; it is gathered from each
+    process's own shards instead. Every process must call this for such arrays.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 class Monitor:
     """Keeps the metrics of the steps since the last check, and at the log and summary
     intervals fetches them, stops on a bad loss, logs progress and writes summaries.
@@ -147,8 +164,10 @@ class Monitor:
             m["clean_accuracy"], adv)
 
     def _images(self, step: int, state: Any, batch: dict[str, Any]) -> None:
+        # Every process computes and fetches (the gather is a collective); only process
+        # 0's writer writes.
         t0 = time.time()
-        clean, adv = jax.device_get(self.images_fn(state, batch["images"], batch["labels"]))
+        clean, adv = fetch(self.images_fn(state, batch["images"], batch["labels"]))
         if not self._images_compiled:  # its compile is no training time
             self._t_last += time.time() - t0
             self._images_compiled = True

@@ -60,19 +60,22 @@ def restore_or_init(cfg: ml_collections.ConfigDict, model: Any, tx: Any, mesh: A
             jax.device_get(init), cfg.finetune_checkpoint_path,
             exclude_scopes=cfg.finetune_exclude_pretrained_scopes,
             trainable_scopes=cfg.finetune_trainable_scopes,
-            use_ema=cfg.moving_average_decay > 0)
+            use_ema=cfg.moving_average_decay > 0,
+            allow_unverified=cfg.allow_unverified_checkpoint)
         how = "fine-tuned"
     return jax.jit(fresh_state, out_shardings=state_sh)(rng, variables), how
 
 
 def _resume(cfg: ml_collections.ConfigDict, out: str, step: int, like: Any) -> ts.TrainState:
     """Checkpoint ``step`` of ``out`` onto ``like``, refusing another run's checkpoint
-    (ResumeMismatch) and reporting a damaged one (CheckpointDamaged)."""
+    (ResumeMismatch) and one without checksums (CheckpointUnverified, unless
+    ``allow_unverified_checkpoint``), and reporting a damaged one (CheckpointDamaged)."""
     meta = checkpoints.read_meta(checkpoints.step_dir(out, step))
     run_dir.check_resume(meta.get("config"), json.loads(cfg.to_json()), where=out,
                          allow_changes=cfg.allow_resume_changes)
     mngr = checkpoints.manager(out, max_to_keep=None, async_save=False)
     try:
-        return checkpoints.restore_state(mngr, step, like)
+        return checkpoints.restore_state(mngr, step, like,
+                                         allow_unverified=cfg.allow_unverified_checkpoint)
     finally:
         mngr.close()

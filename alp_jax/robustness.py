@@ -40,6 +40,7 @@ from absl import app, flags
 
 from alp_jax import checkpoints, cli, engine
 from alp_jax.attacks import register_modules
+from alp_jax.errors import ConfigError
 from alp_jax.evaluator import run_robustness
 
 # Program flags -> config fields (layered over the checkpoint's recorded config).
@@ -115,8 +116,9 @@ def main(argv: list[str]) -> None:
         register_modules(fv.attack_modules)
         cfg = config_from_flags(fv)
         cli.validate_config(cfg, training=False)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        # One line (run_program), not absl's usage text with the message at its end.
+        raise ConfigError(str(e)) from None
     run_robustness(cfg, fv.checkpoint_path, fv.output_dir, progress=engine.ProgressBar())
 
 

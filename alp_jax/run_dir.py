@@ -31,6 +31,7 @@ MAY_CHANGE = frozenset({
     "max_steps", "log_every_steps", "save_model_steps", "save_summaries_steps",
     "keep_checkpoints", "num_summary_images", "output_dir", "imagenet_data_dir",
     "tiny_imagenet_data_dir", "max_loss", "allow_resume_changes",
+    "allow_unverified_checkpoint",
     # Evaluation settings: they do not touch training.
     "eval_name", "adv_method", "split_name", "num_examples", "eval_interval_secs",
     "eval_batch_size",
@@ -39,6 +40,10 @@ MAY_CHANGE = frozenset({
 
 class OutputDirInUse(RuntimeError):
     """Another live run holds the output directory."""
+
+
+class OutputDirNotWritable(PermissionError):
+    """The output directory cannot be created or written (read-only, no permission)."""
 
 
 class ResumeMismatch(ValueError):
@@ -93,7 +98,7 @@ class OutputDirLock:
         return None
 
     def acquire(self) -> OutputDirLock:
-        os.makedirs(self.directory, exist_ok=True)
+        check_writable(self.directory)  # a read-only directory: one line, not a traceback
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -154,7 +159,9 @@ class OutputDirLock:
 
 
 def check_writable(output_dir: str) -> None:
-    """Creates ``output_dir`` and proves it writable, before hours of work go into it."""
+    """Creates ``output_dir`` and proves it writable with a real write (``os.access`` says
+    yes to root on a read-only mount), before hours of work go into it;
+    OutputDirNotWritable naming the directory and the cause otherwise."""
     probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -162,8 +169,9 @@ def check_writable(output_dir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"--output_dir={output_dir!r} is not writable ({e.strerror}); "
-                              "give a directory this process can write.") from None
+        raise OutputDirNotWritable(
+            f"--output_dir={output_dir!r} is not writable ({e.strerror}); give a directory "
+            "this process can write.") from None
 
 
 def _normalise(value: Any) -> Any:

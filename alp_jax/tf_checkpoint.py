@@ -357,19 +357,22 @@ def write_tf_checkpoint(named: Mapping[str, Any], prefix: str, *,
 
 
 def export_tf_checkpoint(checkpoint_path: str, prefix: str, *, moving_averages: bool = True,
-                         global_step: int | None = None) -> str:
+                         global_step: int | None = None,
+                         allow_unverified: bool = False) -> str:
     """Writes one of our checkpoints as a TF-slim checkpoint at ``prefix``.
 
     The raw values get the slim names; when the checkpoint has moving averages and
     ``moving_averages`` is set, they are written too, as ``<name>/ExponentialMovingAverage``
     (the layout of TF's ExponentialMovingAverage). ``global_step`` defaults to the
-    checkpoint's step. Returns the prefix.
+    checkpoint's step. A checkpoint without checksums is refused (CheckpointUnverified)
+    unless ``allow_unverified``. Returns the prefix.
     """
-    tree, meta, step_dir = checkpoints.load_raw(checkpoint_path)
-    variables = checkpoints.load_variables(step_dir)
+    tree, meta, step_dir = checkpoints.load_raw(checkpoint_path,
+                                                allow_unverified=allow_unverified)
+    variables = checkpoints.variables_from_tree(tree, step_dir)  # read (and verified) once
     ema = None
     if moving_averages and tree.get("ema_params") is not None:
-        ema = checkpoints.load_variables(step_dir, use_ema=True)
+        ema = checkpoints.variables_from_tree(tree, step_dir, use_ema=True)
     if global_step is None:
         step = tree.get("step", meta.get("step"))
         if step is None and os.path.basename(step_dir).isdigit():

@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
     cli.maybe_initialize_distributed()
     try:
         train(cfg)
-    except (run_dir.OutputDirInUse, run_dir.ResumeMismatch, checkpoints.CheckpointError,
-            FloatingPointError) as e:
+    except (run_dir.OutputDirInUse, run_dir.OutputDirNotWritable, run_dir.ResumeMismatch,
+            checkpoints.CheckpointError, FloatingPointError) as e:
         # One line, then exit at once: after a failed write Orbax still holds pending
         # background writes, which would otherwise print hundreds of lines at shutdown.
         logging.flush()

@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from alp_jax import tf_checkpoint
+from alp_jax import checkpoints, tf_checkpoint
 
 FLAGS = flags.FLAGS
 
@@ -30,6 +30,9 @@ flags.DEFINE_bool("moving_averages", True, "Also write the moving averages when 
                   "checkpoint has them.")
 flags.DEFINE_integer("global_step", None, "global_step to record; default: the "
                      "checkpoint's step.")
+flags.DEFINE_bool("allow_unverified_checkpoint", False, "Export a checkpoint that has no "
+                  "checksums (written before they existed), with a warning; otherwise it is "
+                  "refused.")
 flags.mark_flags_as_required(["checkpoint_path", "output"])
 
 
@@ -42,8 +45,9 @@ def main(argv: list[str]) -> None:
     try:
         written = tf_checkpoint.export_tf_checkpoint(
             FLAGS.checkpoint_path, prefix, moving_averages=FLAGS.moving_averages,
-            global_step=FLAGS.global_step)
-    except (ValueError, FileNotFoundError) as e:
+            global_step=FLAGS.global_step,
+            allow_unverified=FLAGS.allow_unverified_checkpoint)
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     print(f"Wrote TF checkpoint {written}")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from alp_jax import tf_checkpoint
+from alp_jax import checkpoints, tf_checkpoint
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
             FLAGS.checkpoint, FLAGS.output_dir, num_classes=FLAGS.num_classes,
             use_moving_averages=FLAGS.use_moving_averages,
             dataset_image_size=FLAGS.dataset_image_size)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, checkpoints.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     for note in result.notes:
         print(f"note: {note}")
