@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +41,10 @@ def initialize_distributed(coordinator_address: str | None = None,
     that is not a JAX coordinator), the process exits with status 75 and a message that
     names the address, instead of XLA's native abort.
 
-    Once formed, a ``PeerWatchdog`` ends every survivor of a lost process within
-    ``heartbeat_timeout_s`` (+5 s): status 75 and a message naming the lost process(es).
+    Once formed, a lost process, the coordinator included, ends every survivor with
+    status 75 and one line naming what was lost and what to do: at once when a collective
+    or XLA's abort reports it (``_exit_on_cluster_loss``), else through the
+    ``PeerWatchdog`` within ``heartbeat_timeout_s`` (+5 s).
     """
     if not coordinator_address and not auto:
         return
@@ -91,21 +94,153 @@ def initialize_distributed(coordinator_address: str | None = None,
     if jax.process_count() > 1:
         from jax._src import distributed
 
+        address = coordinator_address or distributed.global_state.coordinator_address or "?"
+        _exit_on_cluster_loss(address)
         if hasattr(distributed.global_state.client, "key_value_increment"):
-            PeerWatchdog(heartbeat_timeout_s, coordinator_address or "auto-detected").start()
+            PeerWatchdog(heartbeat_timeout_s, address).start()
         else:  # older jaxlib: JAX's own heartbeat (and its native abort) is all there is
             logging.warning("This jaxlib's coordination client has no key_value_increment: "
                             "no peer watchdog; a lost process ends the others natively.")
 
 
+_exiting = threading.Lock()
+
+
 def _exit_with(message: str, status: int = EXIT_CLUSTER_FAILED) -> None:
-    # From a watchdog thread: the main thread may be blocked in a collective or in XLA,
-    # where no exception can reach it, so end the process here.
+    """Ends the process at once with ``status`` and one line ``ERROR: message``.
+
+    Called from watchdog threads, exception hooks and the SIGABRT hook: the main thread
+    may be blocked in a collective or in XLA, where no exception reaches it, and a normal
+    exit would wait for Orbax's save threads, which only add tracebacks of the same loss.
+    The first caller wins; any later one (another thread noticing the same loss) waits
+    here until the process is gone, so exactly one line is printed, and printed last.
+    """
+    _exiting.acquire()
+    # os.write, not print: sys.stderr's lock may be held by a thread that never returns.
+    os.write(2, f"ERROR: {message}\n".encode(errors="replace"))
+    os._exit(status)
+
+
+RESTART = "Restart the whole job: it resumes from the newest checkpoint."
+# How a collective or the coordination service fails once a peer process is gone (gloo on
+# CPU; the coordination service's RPCs everywhere). A gloo transport error is never the
+# program's own fault, so any of them counts.
+_GLOO_LOSS = re.compile(r"Gloo \w+ failed|gloo/transport", re.IGNORECASE)
+_SERVICE_LOSS = re.compile(r"UNAVAILABLE: .*coordination service|coordination service.*"
+                           r"(Socket closed|Connection reset|failed to connect)",
+                           re.IGNORECASE | re.DOTALL)
+
+
+def cluster_failure(exc: BaseException | None) -> str | None:
+    """The first line of the error in ``exc`` (or its causes) that says a collective or
+    the coordination service lost a peer process, or None if none does."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if _GLOO_LOSS.search(text) or _SERVICE_LOSS.search(text):
+            line = next((x for x in text.splitlines() if x.strip()), text)
+            return " ".join(line.split())[:240]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def lost_peer_message(detail: str, me: int, n: int, address: str,
+                      coordinator_reachable: bool) -> str:
+    """The line that ends a survivor: the coordinator when this process cannot reach it,
+    else the other processes (named exactly when there is only one other)."""
+    if me != 0 and not coordinator_reachable:
+        return (f"Lost the JAX coordinator (process 0 at {address}): {detail}. Stopping "
+                f"process {me} of {n}. {RESTART}")
+    others = [p for p in range(n) if p != me]
+    who = (f"process(es) {others[0]}" if len(others) == 1 else
+           f"one or more of processes {', '.join(map(str, others))}")
+    return (f"Lost {who} of the {n}-process cluster ({detail}); stopping process {me}. "
+            f"{RESTART}")
+
+
+def _reachable(address: str, timeout_s: float = 2.0) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _exit_on_cluster_loss(address: str) -> None:
+    """Makes a lost peer end this process with status 75 and one line, whoever notices
+    first: the main thread (an uncaught collective failure, via ``sys.excepthook``), a
+    background thread such as Orbax's save threads (``threading.excepthook``), or, on
+    processes other than 0, XLA's native abort when the coordinator dies (a SIGABRT hook,
+    see ``_hook_abort``)."""
     import sys
 
-    logging.error("%s", message)
-    print(f"ERROR: {message}", file=sys.stderr, flush=True)
-    os._exit(status)
+    me, n = jax.process_index(), jax.process_count()
+
+    def end_if_lost(exc: BaseException | None) -> None:
+        detail = cluster_failure(exc)
+        if detail is not None:
+            _exit_with(lost_peer_message(detail, me, n, address,
+                                         me == 0 or _reachable(address)))
+
+    previous_sys, previous_thread = sys.excepthook, threading.excepthook
+
+    def sys_hook(kind, value, tb):
+        end_if_lost(value)
+        previous_sys(kind, value, tb)
+
+    def thread_hook(args):
+        end_if_lost(args.exc_value)
+        previous_thread(args)
+
+    sys.excepthook, threading.excepthook = sys_hook, thread_hook
+    if me != 0:
+        _hook_abort(lambda: _exit_with(lost_peer_message(
+            "it stopped answering, and JAX's distributed runtime aborted this process",
+            me, n, address, False)), address)
+
+
+_abort_hook = None  # the installed C handler; kept referenced so it is never collected
+
+
+def _hook_abort(on_lost_coordinator: Callable[[], None], address: str) -> None:
+    """When the coordinator (process 0) dies, JAX's coordination client aborts every other
+    process from a C++ thread (LOG(FATAL) in xla/pjrt/distributed/client.h) within a
+    fraction of a second, before any Python code notices. The hook JAX has for this,
+    ``missed_heartbeat_callback``, cannot take a Python callable (jaxlib 0.10.2 cannot
+    convert its absl::Status argument: std::terminate), so the abort itself is caught: a
+    SIGABRT handler that, if the coordinator no longer accepts connections, ends the
+    process with status 75 and the coordinator line. Any other abort gets the thread dump
+    faulthandler would have printed and goes on (status 134)."""
+    global _abort_hook
+    import ctypes
+    import faulthandler
+    import signal
+    import sys
+
+    dump = faulthandler.is_enabled()
+
+    def on_abort(signum: int) -> None:
+        del signum
+        if not _reachable(address):
+            on_lost_coordinator()
+        if dump:
+            sys.stderr.write("Fatal Python error: Aborted\n\n")
+            faulthandler.dump_traceback(all_threads=True)
+
+    try:
+        libc = ctypes.CDLL(None)
+        handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+        libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, handler_type], ctypes.c_void_p
+        _abort_hook = handler_type(on_abort)
+        if libc.signal(signal.SIGABRT, _abort_hook) == ctypes.c_void_p(-1).value:
+            raise OSError("signal() failed")
+    except (OSError, AttributeError) as e:
+        logging.warning("No SIGABRT hook (%s): a lost coordinator ends this process with "
+                        "JAX's native abort (status 134).", e)
 
 
 class PeerWatchdog(threading.Thread):
@@ -149,15 +284,14 @@ class PeerWatchdog(threading.Thread):
             except Exception as e:  # noqa: BLE001 (the coordinator itself is unreachable)
                 failing_since = failing_since or now
                 if now - failing_since > self.timeout_s:
-                    _exit_with(f"Lost the JAX coordinator (process 0 at {self.address}) for "
-                               f"{now - failing_since:.0f}s: {str(e).splitlines()[0][:200]}. "
-                               f"Stopping process {me} of {n}.")
+                    _exit_with(lost_peer_message(
+                        f"no answer for {now - failing_since:.0f}s: "
+                        f"{str(e).splitlines()[0][:200]}", me, n, self.address, False))
             lost = [p for p in range(n) if p != me and now - last_change[p] > self.timeout_s]
             if lost:
                 _exit_with(f"Lost process(es) {', '.join(map(str, lost))} of the {n}-process "
                            f"cluster (no heartbeat for over {self.timeout_s:.0f}s); stopping "
-                           f"process {me}. Restart the whole job: it resumes from the newest "
-                           "checkpoint.")
+                           f"process {me}. {RESTART}")
             time.sleep(self.interval)
 
 
