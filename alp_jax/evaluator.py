@@ -209,7 +209,8 @@ def _load_unless_rotated(step_dir: str, config_for: Callable[[dict[str, Any]], A
         cfg = config_for(checkpoints.read_meta(step_dir))
         cli.validate_config(cfg, training=False)
         loaded, error = (cfg, _load(step_dir, cfg)), None
-    except (checkpoints.CheckpointDamaged, FileNotFoundError) as e:
+    except (checkpoints.CheckpointDamaged, checkpoints.CheckpointUnverified,
+            FileNotFoundError) as e:  # integrity deleted first reads as "no checksums"
         loaded, error = None, e
     gone = error is not None and checkpoints.vanished(step_dir)
     if _any_process(gone):
