@@ -7,6 +7,7 @@ where the fault was in what the program prints; the rest call the library.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -42,9 +43,19 @@ def _config(output_dir: str, **overrides):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> str:
-    """A finished training run: checkpoints at STEPS, TRAINING_DONE at the last."""
+    """A finished run's directory as training leaves it (checkpoints at STEPS, written by
+    its Checkpointer with its meta, TRAINING_DONE at the last), without compiling a train
+    step: the faults are about the files, not the weights."""
     out = str(tmp_path_factory.mktemp("faults") / "run")
-    trainer_lib.train(_config(out))
+    cfg = _config(out)
+    model = model_from_config(cfg)
+    tx, _ = ts.optimizer_from_config(cfg)
+    state, _ = restore.restore_or_init(cfg, model, tx, sharding.make_mesh(1), out)
+    with checkpoints.Checkpointer(out, keep=0, meta=functools.partial(
+            trainer_lib.checkpoint_meta, cfg)) as ckpt:
+        for step in STEPS:
+            ckpt.save(step, state)
+    trainer_lib.write_json_atomic(os.path.join(out, trainer_lib.DONE_FILE), {"step": STEPS[-1]})
     assert checkpoints.steps(out) == STEPS
     return out
 
@@ -182,13 +193,13 @@ def test_continuous_eval_skips_a_checkpoint_rotation_removed_and_names_real_dama
 # ---- 4. checksums required ---------------------------------------------------------------
 
 def test_checkpoint_without_checksums_is_refused_on_every_load_path(run, tmp_path, caplog):
-    """The issue's tampering: integrity item removed, parameter bytes flipped. Eval (the
-    program), robustness, training's resume, fine-tuning and TF export all refuse it,
+    """The issue's tampering removed the integrity item (and then changed the weights,
+    which nothing could notice): eval (the program), robustness, training's resume,
+    fine-tuning and TF export all refuse such a checkpoint before reading its state,
     naming the step and the flag; with the flag each load logs a warning."""
     out = _copy(run, tmp_path)
     sd = checkpoints.step_dir(out, 6)
     os.remove(os.path.join(sd, "integrity", "metadata"))
-    _flip(sd)
     refused = r"checkpoints/6 has no checksums .* pass --allow_unverified_checkpoint"
 
     r = _program("alp_jax.eval", f"--checkpoint_path={out}", "--num_examples=32")
