@@ -57,6 +57,10 @@ def define_common_flags(fv: flags.FlagValues = FLAGS) -> None:
         define(name, None, help_, flag_values=fv)
     flags.DEFINE_string("hparams", "", 'Original-style hyperparameters, "name=value,...".',
                         flag_values=fv)
+    flags.DEFINE_list("attack_modules", [], "Comma-separated Python modules of your own "
+                      "attack families: each is imported and its register() called (it "
+                      "calls alp_jax.attacks.register_family) before any spec is read.",
+                      flag_values=fv)
     flags.DEFINE_string("coordinator_address", None,
                         "host:port of process 0 for a multi-process run (not needed on TPU "
                         "or SLURM with --multihost).", flag_values=fv)
@@ -126,12 +130,26 @@ def command_line_values(cfg: ml_collections.ConfigDict, flag_fields: dict[str, s
     return out
 
 
+def load_attack_modules(fv: flags.FlagValues = FLAGS) -> None:
+    """Registers the families of ``--attack_modules`` (``attacks.register_modules``) before
+    any spec in the config is read; ConfigError naming a module that cannot be loaded."""
+    from alp_jax.attacks import register_modules
+
+    if "attack_modules" not in fv:
+        return
+    try:
+        register_modules(fv.attack_modules or [])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def config_from_command_line(base: ml_collections.ConfigDict, flag_fields: dict[str, str],
                              fv: flags.FlagValues = FLAGS
                              ) -> tuple[ml_collections.ConfigDict, set[str]]:
     """A copy of ``base`` with every command-line value set (``command_line_values``),
     and the set of fields the command line gave. ``flag_fields`` maps the program's own
     flags to fields; the shared flags (``COMMON_FLAGS``) set the fields of their names."""
+    load_attack_modules(fv)
     cfg = ml_collections.ConfigDict(base.to_dict())
     values = command_line_values(cfg, {n: n for n in COMMON_FLAGS} | flag_fields, fv)
     with cfg.ignore_type():

@@ -39,7 +39,6 @@ import ml_collections
 from absl import app, flags
 
 from alp_jax import checkpoints, cli, engine
-from alp_jax.attacks import register_modules
 from alp_jax.errors import ConfigError
 from alp_jax.evaluator import run_robustness
 
@@ -78,10 +77,6 @@ def define_flags(fv=None) -> None:
                         "accuracy to ~0 (default apgdce_128_50).", flag_values=fv)
     flags.DEFINE_integer("num_images", None, "Examples shown in adversarial_examples.png.",
                          flag_values=fv)
-    flags.DEFINE_list("attack_modules", [], "Comma-separated Python modules of your own "
-                      "attack families: each is imported and its register() called (it "
-                      "calls alp_jax.attacks.register_family) before any spec is read.",
-                      flag_values=fv)
 
 
 def config_from_flags(fv: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
@@ -112,8 +107,6 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     cli.maybe_initialize_distributed(fv)
     try:
-        # Before the config: the specs it holds may name the registered families.
-        register_modules(fv.attack_modules)
         cfg = config_from_flags(fv)
         cli.validate_config(cfg, training=False)
     except (ValueError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -56,9 +57,12 @@ def _restored_tables():
     """Leaves the attack and objective tables as they were: a registration cannot be
     undone by the public API (on purpose), and other test files list every family."""
     families, registry = dict(grammar._FAMILIES), dict(objectives._REGISTRY)
+    loaded = set(grammar._LOADED)
     try:
         yield
     finally:
+        grammar._LOADED.clear()
+        grammar._LOADED.update(loaded)
         grammar._FAMILIES.clear()
         grammar._FAMILIES.update(families)
         objectives._REGISTRY.clear()
@@ -183,14 +187,19 @@ def test_library_and_engine_run_a_registered_family_with_per_example_keys(family
 
 # ---- the README's example and the program ------------------------------------------------
 
-def _readme_blocks() -> tuple[str, str, str]:
-    """(my_attacks.py, its use, the alp-robustness command) from the README."""
+def _readme_blocks() -> tuple[str, str, dict[str, list[str]]]:
+    """(my_attacks.py, its use, {program: its arguments}) from the README."""
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     section = text[text.index("### Your own attack family"):]
     module, use = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
-    command = re.search(r"```\n(PYTHONPATH=. alp-robustness.*?)```", section, re.S).group(1)
-    return module, use, command
+    block = re.search(r"```\n(PYTHONPATH=. alp-train.*?)```", section, re.S).group(1)
+    commands = {}
+    for line in block.replace("\\\n", " ").splitlines():
+        env, program, *args = shlex.split(line)
+        assert env == "PYTHONPATH=.", line
+        commands[program] = args
+    return module, use, commands
 
 
 def test_readme_example_registers_trains_and_attacks(tmp_path, monkeypatch, trained_digits):
@@ -221,8 +230,10 @@ def test_program_runs_registered_families_on_two_devices(family, trained_digits,
     (a ``module:function`` reference), sharded over two devices; the masking probes and
     the large-eps check use the registered families."""
     del family
-    module, _, command = _readme_blocks()
-    assert "--attack_modules=my_attacks" in command and "--attacks=fgsm_16" in command
+    module, _, commands = _readme_blocks()
+    command = commands["alp-robustness"]
+    assert "--attack_modules=my_attacks" in command
+    assert any(a.startswith("--attacks=fgsm_16") for a in command), command
     (tmp_path / "my_attacks.py").write_text(module)
     (tmp_path / "test_family.py").write_text(
         "from alp_jax.attacks import register_family\n"
@@ -262,3 +273,45 @@ def test_program_runs_registered_families_on_two_devices(family, trained_digits,
     assert {row["spec"] for row in js["results"]} >= {"fgsm_8", "fgsm_16", "ifgsm_8_2_2_r2",
                                                       "ifgsm_16_4_2_r2"}
     assert js["worst_case"]["16"] < js["clean_accuracy"] - 0.3
+
+
+def test_training_and_eval_programs_take_the_family_by_flag(tmp_path):
+    """The README's ``alp-train`` command (3 steps on 8x8 digits instead of the config's
+    length) trains on ``fgsm_16`` with the ``adversarial_only`` objective; ``alp-eval``
+    then evaluates that checkpoint against ``fgsm_8``. Without the flag, the program ends
+    in one line naming the unknown spec."""
+    module, _, commands = _readme_blocks()
+    (tmp_path / "my_attacks.py").write_text(module)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep))
+    out = str(tmp_path / "run")
+    args = [a for a in commands["alp-train"] if not a.startswith("--output_dir=")]
+    assert "--attack_modules=my_attacks" in args
+    assert "--config.train_adv_method=fgsm_16" in args
+
+    def run(module_name, *argv):
+        return subprocess.run([sys.executable, "-m", module_name, *argv], cwd=str(tmp_path),
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    no_flag = run("alp_jax.train", *(a for a in args if "attack_modules" not in a),
+                  f"--output_dir={out}", "--config.max_steps=3")
+    assert no_flag.returncode == 1
+    last = no_flag.stderr.strip().splitlines()[-1]
+    assert last.startswith("FATAL config error:") and "fgsm_16" in last, last
+    assert "Traceback" not in no_flag.stderr
+
+    r = run("alp_jax.train", *args, f"--output_dir={out}", "--config.max_steps=3",
+            "--config.dataset_image_size=8", "--config.batch_size=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoints.steps(out) == [3]
+    meta = checkpoints.read_meta(checkpoints.resolve(out))
+    assert meta["config"]["train_adv_method"] == "fgsm_16"
+    assert meta["config"]["train_objective"] == "adversarial_only"
+    assert "objective adversarial_only" in r.stderr and "attack fgsm_16" in r.stderr
+
+    e = run("alp_jax.eval", "--attack_modules=my_attacks", f"--checkpoint_path={out}",
+            "--adv_method=fgsm_8", "--num_examples=32",
+            "--hparams=eval_batch_size=16")
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert re.search(r"step 3, fgsm_8 on digits/validation: top-1 [\d.]+, top-5 [\d.]+ "
+                     r"\(32 examples\)", e.stderr), e.stderr[-2000:]
