@@ -220,6 +220,9 @@ def _load_unless_rotated(step_dir: str, config_for: Callable[[dict[str, Any]], A
     return loaded
 
 
+_IDLE_POLL_S = 1.0
+
+
 def continuous_eval(train_dir: str, config_for: Callable[[dict[str, Any]], Any],
                     interval: float, once: bool, output_file: str | None = None) -> None:
     """Evaluates the newest checkpoint whenever a new one appears, until training ends.
@@ -233,7 +236,8 @@ def continuous_eval(train_dir: str, config_for: Callable[[dict[str, Any]], Any],
     while True:
         step, done = _from_process_zero(checkpoints.latest_step(train_dir),
                                         _done_step(train_dir))
-        if step is not None and step not in evaluated:
+        new = step is not None and step not in evaluated
+        if new:
             step_dir = checkpoints.step_dir(train_dir, step)
             loaded = _load_unless_rotated(step_dir, config_for)
             if loaded is None:
@@ -251,7 +255,9 @@ def continuous_eval(train_dir: str, config_for: Callable[[dict[str, Any]], Any],
         if done is not None and done in evaluated:
             logging.info("Training finished at step %d; evaluation done.", done)
             return
-        time.sleep(interval)
+        # Nothing new: poll at most once a second (--eval_interval_secs=0 would spin a core
+        # that training beside it needs).
+        time.sleep(interval if new else max(interval, _IDLE_POLL_S))
 
 
 def run_robustness(cfg: ml_collections.ConfigDict, checkpoint_path: str, output_dir: str, *,
