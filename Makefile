@@ -33,11 +33,13 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 
 # Two pytest-xdist workers: XLA compiles on one thread, so two workers keep both cores of
-# a small machine busy. Tests that share one expensive launch (a two-process cluster, a
-# trained model) carry xdist_group marks; --dist loadgroup keeps each group on one worker.
-# PYTEST_WORKERS=0 runs everything in one process.
+# a small machine busy. --dist loadfile gives each worker whole files, so a file's module
+# fixtures (a trained model, one shared cluster run) are built once; conftest.py orders
+# the longest files first. (pytest-xdist 3.8's loadgroup does not group under pytest 9.2:
+# its xdist_group suffix no longer reaches the node id.) PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: lint
 	$(PYTEST) tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]

@@ -1,7 +1,7 @@
 """Runs ``examples/quickstart.ipynb`` top to bottom (shortened) and checks what it reports.
 
 The notebook's run-length cell (tagged ``parameters``, as papermill does) is replaced by a
-shorter one, 60 training steps and 128 suite examples instead of 200 and 359; everything else
+shorter one, 60 training steps and 64 suite examples instead of 200 and 359; everything else
 (the install cell, the attacks, the checkpoint, the suite, the plots, the baseline) runs as a
 user sees it, from a working directory outside the checkout.
 """
@@ -23,7 +23,7 @@ nbclient = pytest.importorskip("nbclient")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"
 STEPS = 60
-SUITE_EXAMPLES = 128
+SUITE_EXAMPLES = 64
 RESULT = re.compile(r"^RESULT clean=([0-9.]+) pgd=([0-9.]+) worst16=([0-9.]+)", re.MULTILINE)
 
 
