@@ -73,8 +73,9 @@ def _robustness_checkpoint(trained_digits, path) -> str:
 def test_robustness_per_example_results_do_not_depend_on_devices_or_batch(trained_digits,
                                                                           tmp_path):
     """Every attack of the default suite, on the trained digits model: 8 forced CPU devices
-    vs 1, and batch 32 vs 50 (40 examples: a padded partial batch, and a split smaller
-    than a batch), give the same per-example answers."""
+    at batch 50 vs 1 device at batch 32 (40 examples: a padded partial batch, and a split
+    smaller than a batch) give the same per-example answers. Devices and batch change in
+    one run (before 2026-12-07, in two): a dependence on either still shows."""
     ckpt = _robustness_checkpoint(trained_digits, tmp_path / "ckpt")
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharding_worker.py"),
                         "robustness", ckpt], cwd=REPO, env=_env(8), capture_output=True,
