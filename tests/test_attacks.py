@@ -67,6 +67,7 @@ _CASES = [(spec, [(-1.0, 1.0), (-0.5, 2.0), (0.0, 1.0)][i % 3], i % 2 == 0)
           for i, spec in enumerate(NEW_SPECS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,bounds,random_start", _CASES)
 def test_outputs_stay_in_eps_ball_and_bounds(spec, bounds, random_start):
     x, _ = _digits8(bounds)
@@ -80,6 +81,7 @@ def test_outputs_stay_in_eps_ball_and_bounds(spec, bounds, random_start):
             common.margin(logits_fn(x), y))
 
 
+@pytest.mark.slow
 def test_original_specs_keep_their_code_path():
     """The extra forms leave pgd/pgdll/pgdrnd without a suffix untouched, and their _r1
     forms are the same attack, output for output (_rK changes nothing but the runs)."""
@@ -290,6 +292,7 @@ def _data(t):
     return jnp.asarray(t.val_images[:N]), jnp.asarray(t.val_labels[:N])
 
 
+@pytest.mark.slow
 def test_apgd_at_least_as_strong_as_pgd10(trained_digits, resnet):
     x, y = _data(trained_digits)
     key = jax.random.PRNGKey(0)
@@ -314,6 +317,7 @@ def test_restarts_never_raise_accuracy(trained_digits, resnet):
     assert np.mean(three) < 1.0
 
 
+@pytest.mark.slow
 def test_square_fools_an_undefended_model(trained_digits, resnet):
     x, y = _data(trained_digits)
     clean = np.mean(losses.topk_correct(trained_digits.logits(trained_digits.variables, x),

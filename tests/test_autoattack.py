@@ -55,6 +55,7 @@ def _toy():
     return logits, variables, x, y
 
 
+@pytest.mark.slow
 def test_cascade_is_the_and_of_its_attacks_and_skips_broken_examples(monkeypatch, tmp_path):
     logits, v, x, y = _toy()
     ran: list[tuple[tuple[str, ...], int]] = []
@@ -138,6 +139,7 @@ N = 16
 EPS = 8
 
 
+@pytest.mark.slow
 def test_preset_is_no_weaker_than_the_default_suite(trained_digits):
     """On the session's digits model at eps 8 (it has some robustness there), 16 examples.
     Counts: APGD 100 iterations and 9 targets as AutoAttack; FAB-T 20 iterations and

@@ -62,6 +62,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_end_to_end_records_and_table():
     argv = TINY + ["--attack", "pgdll_16_2_2", "--memory_check", "--peak_size", "256"]
     r = subprocess.run([sys.executable, "-c", BLOCKED_RUN,
@@ -94,6 +95,7 @@ def test_end_to_end_records_and_table():
     assert alp["flops_per_image"] > attack["flops_per_image"] > clean["flops_per_image"] / 2
 
 
+@pytest.mark.slow
 def test_pgd_flops_linear_in_niter(bench):
     records = bench.main(TINY + ["--parts", "attack", "--attack",
                                  "pgdll_16_2_1,pgdll_16_2_2,pgdll_16_2_4", "--steps", "1",
@@ -162,6 +164,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_alp_step_is_the_programs_step(bench):
     """Two steps of the benchmark's ALP step and of ``train_step_from_config`` on the
     programs' default config: the same new state and metrics, bit for bit; the attack

@@ -163,6 +163,7 @@ def test_register_modules_loads_a_module_and_names_what_is_wrong(tmp_path, monke
 
 # ---- the library and the engine on the trained digits model -------------------------------
 
+@pytest.mark.slow
 def test_library_and_engine_run_a_registered_family_with_per_example_keys(family,
                                                                           trained_logits):
     del family
@@ -202,6 +203,7 @@ def _readme_blocks() -> tuple[str, str, dict[str, list[str]]]:
     return module, use, commands
 
 
+@pytest.mark.slow
 def test_readme_example_registers_trains_and_attacks(tmp_path, monkeypatch, trained_digits):
     module, use, _ = _readme_blocks()
     (tmp_path / "my_attacks.py").write_text(module)
@@ -225,6 +227,7 @@ def test_readme_example_registers_trains_and_attacks(tmp_path, monkeypatch, trai
             my_attacks.register()
 
 
+@pytest.mark.slow
 def test_program_runs_registered_families_on_two_devices(family, trained_digits, tmp_path):
     """``alp-robustness --attack_modules`` with the README's module and this file's family
     (a ``module:function`` reference), sharded over two devices; the masking probes and
@@ -275,6 +278,7 @@ def test_program_runs_registered_families_on_two_devices(family, trained_digits,
     assert js["worst_case"]["16"] < js["clean_accuracy"] - 0.3
 
 
+@pytest.mark.slow
 def test_training_and_eval_programs_take_the_family_by_flag(tmp_path):
     """The README's ``alp-train`` command (3 steps on 8x8 digits instead of the config's
     length) trains on ``fgsm_16`` with the ``adversarial_only`` objective; ``alp-eval``

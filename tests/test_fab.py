@@ -213,6 +213,7 @@ def test_targets_default_to_nine_capped_by_the_classes():
 N = 32
 
 
+@pytest.mark.slow
 def test_fab_fools_an_undefended_model_with_small_perturbations(trained_digits):
     t = trained_digits
     x, y = jnp.asarray(t.val_images[:N]), jnp.asarray(t.val_labels[:N])

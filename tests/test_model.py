@@ -141,6 +141,7 @@ def test_create_model_by_name():
         create_model("resnet_v2_51", 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["im2col", "auto"])
 def test_conv_impl_changes_lowering_not_parameters_or_results(small_variables, impl):
     """im2col convolutions (the CPU default of the programs) train the same model."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import helpers
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +33,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_core_imports_and_runs_without_tensorflow():
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
                        text=True, timeout=300)

@@ -128,6 +128,7 @@ def test_objective_config_errors():
 
 # ---- TRADES' attack ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_trades_attack_increases_the_kl_term(trained_digits):
     t = trained_digits
     variables = t.variables
@@ -159,6 +160,7 @@ def test_trades_attack_increases_the_kl_term(trained_digits):
 
 # ---- every objective's digits config trains ---------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clp", "lsq", "trades"])
 def test_digits_config_trains_without_nan(name, small_variables):
     cfg = configs.get_config(f"digits_{name}")

@@ -66,6 +66,7 @@ def _mlp():
     return lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pgd", "pgdll", "pgdrnd"])
 @pytest.mark.parametrize("random_start", [True, False])
 @pytest.mark.parametrize("bounds", [(-1.0, 1.0), (0.0, 1.0), (-0.5, 2.0)])
@@ -146,6 +147,7 @@ def test_untargeted_pgd_drops_accuracy(trained_digits, resnet):
     assert adv_acc <= 0.3 < clean - 0.5, (clean, adv_acc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pgdll", "pgdrnd"])
 def test_targeted_attacks_raise_target_probability(trained_digits, resnet, method):
     t = trained_digits

@@ -79,6 +79,7 @@ def final_params(output_dir: str) -> dict[str, np.ndarray]:
                                          "batch_stats": raw["batch_stats"]})
 
 
+@pytest.mark.slow
 def test_train_checkpoint_eval_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     r = run_program("alp_jax.train", f"--config={CONFIG}", f"--output_dir={out}",
@@ -104,6 +105,7 @@ def test_train_checkpoint_eval_end_to_end(tmp_path):
     assert os.path.exists(os.path.join(out, "pgd_16_4_3", "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     common = [f"--config={CONFIG}", "--config.max_steps=80", "--config.save_model_steps=20",
               *TINY]
@@ -131,6 +133,7 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     out = str(tmp_path / "run")
     proc = start_program("alp_jax.train", f"--config={CONFIG}", f"--output_dir={out}",
@@ -151,6 +154,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     assert not os.path.exists(os.path.join(out, train_lib.DONE_FILE))
 
 
+@pytest.mark.slow
 def test_finetune_exclude_and_trainable_scopes(tmp_path):
     pre = str(tmp_path / "pre")
     train_lib.train(tiny_config(pre, max_steps=2, moving_average_decay=-1.0))
@@ -193,6 +197,7 @@ def test_finetune_exclude_and_trainable_scopes(tmp_path):
     finetune.finetune_variables(fresh7, pre, exclude_scopes="resnet_v2_small/logits")
 
 
+@pytest.mark.slow
 def test_finetune_reads_averages_only_for_trainable_parameters(tmp_path):
     # The original's _get_finetuning_init_fn: moving averages for the variables that train
     # in the new run, raw values for frozen ones and for the BatchNorm statistics.
@@ -223,6 +228,7 @@ def test_finetune_reads_averages_only_for_trainable_parameters(tmp_path):
                                       err_msg=name)
 
 
+@pytest.mark.slow
 def test_continuous_eval_picks_up_new_checkpoints(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
@@ -343,6 +349,7 @@ def test_bad_flag_in_program_exits_nonzero_without_output(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     # A sane learning rate for 4 steps, then one so large that the weights overflow.

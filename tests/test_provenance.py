@@ -52,6 +52,7 @@ def test_record_describes_this_process() -> None:
         "no-such-distribution-xyz": None}
 
 
+@pytest.mark.slow
 def test_training_run_records_provenance_and_compile_time(tmp_path) -> None:
     out = tmp_path / "run"
     r = subprocess.run(

@@ -172,6 +172,7 @@ def program_run(ckpt, tmp_path_factory):
     return report, out, text, seen
 
 
+@pytest.mark.slow
 def test_program_writes_results_and_curves(program_run):
     report, out, text, seen = program_run
     for name in ("results.json", "results.csv", "per_example.npz", "robustness_curve.png",
@@ -211,6 +212,7 @@ def test_program_writes_results_and_curves(program_run):
         engine.combine_worst(pe, dict(pe, index=pe["index"] + 1))
 
 
+@pytest.mark.slow
 def test_worst_case_is_below_every_attack_and_checks_pass(program_run, trained_digits):
     report, _, _, _ = program_run
     r = report["result"]
@@ -236,6 +238,7 @@ def test_worst_case_is_below_every_attack_and_checks_pass(program_run, trained_d
     assert r.zero_grad_fraction < 0.01
 
 
+@pytest.mark.slow
 def test_one_compile_serves_every_eps(program_run, trained_digits):
     """The suite runs a spec compiled with EPS/STEP as arguments; it must equal the spec
     compiled on its own with the same per-example keys (the spec's seed index, the
@@ -258,6 +261,7 @@ def test_one_compile_serves_every_eps(program_run, trained_digits):
     assert grammar.seed_index("pgd_8_1_5_r2") == grammar.seed_index("pgd_8_1_5")
 
 
+@pytest.mark.slow
 def test_every_example_counts_and_a_split_smaller_than_a_batch(ckpt, tmp_path):
     """40 examples in batches of 32: the partial batch is padded, not dropped; 10 examples
     (fewer than one batch) work; the counts are checked."""

@@ -163,6 +163,7 @@ def test_second_run_into_the_same_output_dir_fails_and_the_first_is_untouched(tm
 
 # ---- 4. non-finite state is never saved; loss ceiling ------------------------------------
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved_and_the_guard_names_a_good_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     # A sane learning rate for a few steps, then one that overflows the weights. Saving
@@ -199,6 +200,7 @@ def test_loss_above_max_loss_stops_the_run(tmp_path):
 
 # ---- 5. resume only into the same run ---------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_refuses_another_config_naming_the_fields(tmp_path):
     out = str(tmp_path / "run")
     train_lib.train(tiny_config(out, max_steps=2, save_model_steps=2))
@@ -220,6 +222,7 @@ def test_resume_refuses_another_config_naming_the_fields(tmp_path):
     assert checkpoints.latest_step(out) == 6
 
 
+@pytest.mark.slow
 def test_baseline_config_into_an_alp_run_is_refused_by_the_program(tmp_path):
     out = str(tmp_path / "run")
     r = run_train(f"--config={ALP}", f"--output_dir={out}", "--config.max_steps=2",
@@ -236,6 +239,7 @@ def test_baseline_config_into_an_alp_run_is_refused_by_the_program(tmp_path):
 
 # ---- 6, 7. integrity; a damaged newest checkpoint ---------------------------------------
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_reported_and_training_falls_back(tmp_path):
     out = str(tmp_path / "run")
     train_lib.train(tiny_config(out, max_steps=4, save_model_steps=2))
@@ -258,6 +262,7 @@ def test_damaged_checkpoint_is_reported_and_training_falls_back(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "delete_state_file", "truncate_meta",
                                     "garbage_integrity"])
+@pytest.mark.slow
 def test_each_kind_of_damage_is_named_by_step(tmp_path, damage):
     out = str(tmp_path / "run")
     state = ts.create_train_state(helpers.small_model(), optax.sgd(0.1),
@@ -289,6 +294,7 @@ def test_each_kind_of_damage_is_named_by_step(tmp_path, damage):
 
 # ---- 8. SIGTERM during the final save ---------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_save_keeps_the_final_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     script = textwrap.dedent(f"""

@@ -42,6 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharding_worker.py")],
                        cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600)
@@ -97,6 +98,7 @@ def _params(output_dir: str) -> dict[str, np.ndarray]:
     return slim_names.variables_to_slim({"params": raw["params"]})
 
 
+@pytest.mark.slow
 def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_path):
     multi = str(tmp_path / "multi")
     port = _free_port()

@@ -88,6 +88,7 @@ def test_clean_training_metrics(trained_digits):
     assert np.mean([m["clean_accuracy"] for m in t.history[-10:]]) >= 0.8
 
 
+@pytest.mark.slow
 def test_step_compiles_once(trained_digits, adv_run, finetune_run):
     assert trained_digits.step.traces == 1  # 150 calls (and more from other tests)
     assert adv_run[1].traces == 1 and finetune_run[1].traces == 1
@@ -304,6 +305,7 @@ def test_topk_correct_matches_stable_top_k():
 
 # ---- make_train_step with plain arguments: a user's own optax optimizer ---------------------
 
+@pytest.mark.slow
 def test_custom_optax_optimizer_through_make_train_step():
     """``optax.adamw`` (its state has no ``count`` of ours, its own weight decay) drives the
     step: the first update equals adamw's update of the gradient of the step's own loss,
@@ -358,6 +360,7 @@ def test_custom_optax_optimizer_through_make_train_step():
     assert moved and all(k.startswith(LOGITS_SCOPE) for k in moved), sorted(moved)[:3]
 
 
+@pytest.mark.slow
 def test_readme_train_step_snippet_runs():
     """The README's "A train step is built from plain arguments" example, as written."""
     import os
