@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -192,3 +194,19 @@ class _Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _Block())
 """
+
+
+def program_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a program a test launches: unbuffered output and ``devices``
+    forced CPU devices, added to the XLA flags already set."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a test cluster's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,7 @@
 Without arguments: trains a few ALP steps of the small model on the same batches with
 meshes of different sizes and prints a JSON report (parameter differences, shardings,
 compile counts). ``robustness CHECKPOINT`` instead evaluates the default robustness suite
-on 1 device at batch 32 and on 8 devices at batch 50 and reports where the per-example
+on 1 device at batch 16 and on 8 devices at batch 25 and reports where the per-example
 results differ.
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
         print("BATCH_ERROR " + str(e))
 
 
-def robustness(checkpoint: str, num_examples: int = 40, eps: int = 16) -> None:
+def robustness(checkpoint: str, num_examples: int = 20, eps: int = 16) -> None:
     from alp_jax import checkpoints, engine, sharding
     from alp_jax.data import digits
     from alp_jax.model import create_model
@@ -88,14 +88,14 @@ def robustness(checkpoint: str, num_examples: int = 40, eps: int = 16) -> None:
     runs = {}
     # Devices and batch change together (one compile of the suite fewer than changing each
     # alone): a dependence on either shows as a difference.
-    for name, n_dev, batch in (("1dev_b32", 1, 32), ("8dev_b50", 8, 50)):
+    for name, n_dev, batch in (("1dev_b16", 1, 16), ("8dev_b25", 8, 25)):
         mesh = sharding.make_mesh(1, devs[:n_dev])
         r = engine.evaluate_suite(
             engine.ModelLogits(model), engine.array_batches(x, y, batch, devices=n_dev),
             engine.DEFAULT_ATTACKS, [eps], variables=variables, num_classes=10, mesh=mesh,
             num_images=0)
         runs[name] = engine.per_example_arrays(r)
-    ref = runs["1dev_b32"]
+    ref = runs["1dev_b16"]
     diffs = {name: {k: int(np.sum(v[k] != ref[k])) for k in ref} for name, v in runs.items()}
     print("REPORT " + json.dumps({
         "devices": len(devs), "columns": sorted(ref), "examples": int(len(ref["index"])),

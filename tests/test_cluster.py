@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import free_port, program_env
 
 from alp_jax import checkpoints
 
@@ -39,31 +39,18 @@ SHIPPED = ["--config=digits_alp", f"--config.max_steps={STEPS}",
            "--config.dataset_image_size=8"]
 ROBUSTNESS = ["--attacks=pgdrnd_16_4_2,square_16_20", "--eps=8,16",
               "--num_examples=40", "--eval_batch_size=32",
-              "--large_eps_attack=apgdce_128_5", "--num_images=2"]
+              "--large_eps_attack=pgdrnd_128_32_2", "--num_images=2"]
 TIMEOUT = 900
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(module: str, *args: str, devices: int = 1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
-                            env=_env(devices), stdout=subprocess.PIPE,
+                            env=program_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
 def _cluster(module: str, *args: str) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [_start(module, *args, f"--coordinator_address=127.0.0.1:{port}",
                    "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=300")
             for i in range(2)]
@@ -174,7 +161,7 @@ def test_eval_and_robustness_as_two_process_clusters_on_that_checkpoint(cluster_
         assert rc == 0, log[-4000:]
     single = str(tmp_path / "single")
     r = subprocess.run([sys.executable, "-m", "alp_jax.robustness", f"--checkpoint_path={out}",
-                        *ROBUSTNESS, f"--output_dir={single}"], cwd=REPO, env=_env(1),
+                        *ROBUSTNESS, f"--output_dir={single}"], cwd=REPO, env=program_env(1),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-4000:]
     a = engine.load_per_example(os.path.join(multi, "per_example.npz"))

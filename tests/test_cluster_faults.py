@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from helpers import free_port, program_env
 
 from alp_jax import sharding
 
@@ -35,19 +36,6 @@ GLOO = ("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.
 SERVICE = ("UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task "
            "was preempted/died/restarted unexpectedly or this task is experiencing network "
            "issues.\nAdditional GRPC error information ...")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=1").strip()
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- without a cluster -------------------------------------------------------------------
@@ -89,12 +77,12 @@ def _abort_with_hook(address: str) -> subprocess.CompletedProcess:
                              {address!r})
         os.abort()
     """)
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=program_env(),
                           capture_output=True, text=True, timeout=120)
 
 
 def test_abort_hook_exits_75_only_when_the_coordinator_is_gone():
-    gone = _abort_with_hook(f"127.0.0.1:{_free_port()}")  # nothing listens there
+    gone = _abort_with_hook(f"127.0.0.1:{free_port()}")  # nothing listens there
     assert gone.returncode == 75, gone.stderr[-3000:]
     assert gone.stderr.splitlines()[-1] == "ERROR: LOST THE COORDINATOR"
     with socket.socket() as server:  # the coordinator answers: some other abort
@@ -113,12 +101,12 @@ def _kill_one(tmp_path, victim: int, *extra: str) -> tuple[int, list[str], float
     """Trains on a two-process cluster until steps run, SIGKILLs ``victim`` and waits for
     the survivor: (its status, the lines it printed after the kill, seconds from the kill
     to its exit, the port)."""
-    out, port = str(tmp_path / "run"), _free_port()
+    out, port = str(tmp_path / "run"), free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "alp_jax.train", *TINY, f"--output_dir={out}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--distributed_timeout_s=120", *extra],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=program_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     lines: list[list[str]] = [[], []]
     readers = [threading.Thread(target=lambda p=p, acc=acc: acc.extend(p.stdout), daemon=True)

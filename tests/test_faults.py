@@ -13,12 +13,12 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import pytest
+from helpers import free_port
 
 from alp_jax import checkpoints, cli, configs, evaluator, finetune, restore, run_dir, sharding
 from alp_jax import train_state as ts
@@ -115,19 +115,13 @@ print("REPORT " + json.dumps({"direct": direct, "clean": clean.tolist(), "adv": 
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_summary_images_of_a_batch_spread_over_two_processes_are_gathered(tmp_path):
     """The images of a batch sharded over two processes' devices cannot be fetched with
     ``jax.device_get`` (the step-50 RuntimeError); ``monitor.fetch`` gathers them on
     every process from each process's own shards."""
     script = tmp_path / "gather.py"
     script.write_text(_GATHER)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import free_port, program_env
 
 from alp_jax import checkpoints, configs, run_dir
 from alp_jax import train as train_lib
@@ -53,21 +54,14 @@ def tiny_config(output_dir: str, name: str = ALP, **overrides):
     return cfg
 
 
-def _env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-    return env
-
-
 def run_train(*args: str, timeout: int = 300, devices: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "alp_jax.train", *args], cwd=REPO,
-                          env=_env(devices), capture_output=True, text=True, timeout=timeout)
+                          env=program_env(devices), capture_output=True, text=True, timeout=timeout)
 
 
 def start_train(*args: str, devices: int = 1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "alp_jax.train", *args], cwd=REPO,
-                            env=_env(devices), stdout=subprocess.PIPE,
+                            env=program_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -81,12 +75,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
                                  f"{proc.stdout.read()[-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _damage(step_dir: str, nbytes: int = 64) -> str:
@@ -248,7 +236,7 @@ def test_damaged_checkpoint_is_reported_and_training_falls_back(tmp_path):
     with pytest.raises(checkpoints.CheckpointDamaged, match=r"checkpoints/4 is damaged"):
         checkpoints.load_raw(out)
     r = subprocess.run([sys.executable, "-m", "alp_jax.eval", f"--checkpoint_path={out}",
-                        "--num_examples=32"], cwd=REPO, env=_env(), capture_output=True,
+                        "--num_examples=32"], cwd=REPO, env=program_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]  # it used to report 0.0000 with exit 0
     assert "checkpoints/4 is damaged" in r.stderr and "Traceback" not in r.stderr
@@ -312,7 +300,7 @@ def test_sigterm_during_the_final_save_keeps_the_final_checkpoint(tmp_path):
         train_lib.train(tiny_config({out!r}, max_steps=3, save_model_steps=0))
         print("RETURNED")
     """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(),
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=program_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RETURNED" in r.stdout
@@ -333,7 +321,7 @@ def _cluster(out: str, port: int, *extra: str) -> list[subprocess.Popen]:
 @pytest.mark.slow
 def test_preemption_of_one_process_saves_on_every_process_at_one_step(tmp_path):
     out = str(tmp_path / "run")
-    procs = _cluster(out, _free_port())
+    procs = _cluster(out, free_port())
     try:
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 300,
                  "the cluster to train", procs[0])
@@ -353,7 +341,7 @@ def test_preemption_of_one_process_saves_on_every_process_at_one_step(tmp_path):
 
 
 def test_process_zero_alone_exits_naming_the_address(tmp_path):
-    port = _free_port()
+    port = free_port()
     r = run_train(f"--config={ALP}", f"--output_dir={tmp_path / 'run'}", *TINY,
                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                   "--process_id=0", "--distributed_timeout_s=5", timeout=120)

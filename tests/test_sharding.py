@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import free_port, program_env
 
 from alp_jax import checkpoints, slim_names
 
@@ -29,23 +29,10 @@ TRAIN_ARGS = [f"--config={CONFIG}", "--config.dataset_image_size=8", "--config.b
               "--config.conv_impl=xla"]
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_eight_devices_match_one_device():
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharding_worker.py")],
-                       cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600)
+                       cwd=REPO, env=program_env(8), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))
     report = json.loads(line[len("REPORT "):])
@@ -74,17 +61,18 @@ def _robustness_checkpoint(trained_digits, path) -> str:
 def test_robustness_per_example_results_do_not_depend_on_devices_or_batch(trained_digits,
                                                                           tmp_path):
     """Every attack of the default suite, on the trained digits model: 8 forced CPU devices
-    at batch 50 vs 1 device at batch 32 (40 examples: a padded partial batch, and a split
+    at batch 25 vs 1 device at batch 16 (20 examples: a padded partial batch, and a split
     smaller than a batch) give the same per-example answers. Devices and batch change in
-    one run (before 2026-12-07, in two): a dependence on either still shows."""
+    one run, and the examples are 20 (before 2026-12-07: two runs, 40 examples at batch 32
+    and 50): the same properties, and a dependence on either still shows."""
     ckpt = _robustness_checkpoint(trained_digits, tmp_path / "ckpt")
     r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharding_worker.py"),
-                        "robustness", ckpt], cwd=REPO, env=_env(8), capture_output=True,
+                        "robustness", ckpt], cwd=REPO, env=program_env(8), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))
     report = json.loads(line[len("REPORT "):])
-    assert report["devices"] == 8 and report["examples"] == 40
+    assert report["devices"] == 8 and report["examples"] == 20
     from alp_jax import engine
 
     assert set(report["columns"]) >= {"clean", *engine.DEFAULT_ATTACKS}
@@ -101,12 +89,12 @@ def _params(output_dir: str) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_path):
     multi = str(tmp_path / "multi")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "alp_jax.train", *TRAIN_ARGS, f"--output_dir={multi}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--distributed_timeout_s=120"],
-        cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=program_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outs = []
     try:
@@ -124,7 +112,7 @@ def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_
 
     single = str(tmp_path / "single")
     r = subprocess.run([sys.executable, "-m", "alp_jax.train", *TRAIN_ARGS,
-                        f"--output_dir={single}"], cwd=REPO, env=_env(1),
+                        f"--output_dir={single}"], cwd=REPO, env=program_env(1),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _params(multi), _params(single)
@@ -134,18 +122,18 @@ def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_
     # The 4-device checkpoint restores in one single-device process (eval).
     r = subprocess.run([sys.executable, "-m", "alp_jax.eval", f"--checkpoint_path={multi}",
                         "--num_examples=32", "--hparams=eval_batch_size=32"],
-                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+                       cwd=REPO, env=program_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "top-1" in r.stderr
 
 
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
-    port = _free_port()
+    port = free_port()
     r = subprocess.run(
         [sys.executable, "-m", "alp_jax.train", *TRAIN_ARGS, f"--output_dir={tmp_path / 'x'}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
          "--distributed_timeout_s=3"],
-        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+        cwd=REPO, env=program_env(1), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert f"Could not reach the JAX coordinator at 127.0.0.1:{port} within 3s" in r.stderr
 
