@@ -131,8 +131,9 @@ def command_line_values(cfg: ml_collections.ConfigDict, flag_fields: dict[str, s
 
 
 def load_attack_modules(fv: flags.FlagValues = FLAGS) -> None:
-    """Registers the families of ``--attack_modules`` (``attacks.register_modules``) before
-    any spec in the config is read; ConfigError naming a module that cannot be loaded."""
+    """Registers the families of ``--attack_modules`` (``attacks.register_modules``); each
+    program calls it once, before it builds its config (whose specs may name them).
+    ConfigError naming a module that cannot be loaded."""
     from alp_jax.attacks import register_modules
 
     if "attack_modules" not in fv:
@@ -149,7 +150,6 @@ def config_from_command_line(base: ml_collections.ConfigDict, flag_fields: dict[
     """A copy of ``base`` with every command-line value set (``command_line_values``),
     and the set of fields the command line gave. ``flag_fields`` maps the program's own
     flags to fields; the shared flags (``COMMON_FLAGS``) set the fields of their names."""
-    load_attack_modules(fv)
     cfg = ml_collections.ConfigDict(base.to_dict())
     values = command_line_values(cfg, {n: n for n in COMMON_FLAGS} | flag_fields, fv)
     with cfg.ignore_type():

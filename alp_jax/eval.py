@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
     cli.setup_logging()
     if not FLAGS.checkpoint_path and not FLAGS.train_dir:
         raise app.UsageError("Pass --train_dir (continuous or --eval_once) or --checkpoint_path.")
+    cli.load_attack_modules()
     cli.maybe_initialize_distributed()
     if FLAGS.checkpoint_path:
         step_dir = checkpoints.resolve(FLAGS.checkpoint_path)

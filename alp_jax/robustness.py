@@ -107,6 +107,7 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     cli.maybe_initialize_distributed(fv)
     try:
+        cli.load_attack_modules(fv)
         cfg = config_from_flags(fv)
         cli.validate_config(cfg, training=False)
     except (ValueError, FileNotFoundError) as e:

@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.setup_logging()
+    cli.load_attack_modules()
     cfg = config_from_flags()
     cli.validate_config(cfg, training=True)  # before anything is written or initialised
     cli.maybe_initialize_distributed()

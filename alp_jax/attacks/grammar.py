@@ -113,8 +113,6 @@ _FAMILIES: dict[str, Family] = {
 }
 # The table, read-only: ``register_family`` is the one way to add to it.
 FAMILIES: Mapping[str, Family] = types.MappingProxyType(_FAMILIES)
-# Modules whose register() ran (register_modules): a program may read its flags twice.
-_LOADED: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,14 +370,11 @@ def resolve(ref: str | Callable[..., Any], what: str) -> Callable[..., Any]:
 def register_modules(modules: Iterable[str]) -> list[str]:
     """Imports each module named and calls its ``register()`` (which calls
     ``register_family`` and, if it likes, ``objectives.register_objective``); a name given
-    twice, here or in an earlier call, is loaded once. Returns the modules loaded by this
-    call. This is what ``--attack_modules`` does (``alp-train``, ``alp-eval``,
-    ``alp-robustness``): importing a module registers nothing, calling its ``register()``
-    does."""
+    twice is loaded once. Returns the modules loaded. This is what ``--attack_modules``
+    does (``alp-train``, ``alp-eval``, ``alp-robustness``, once per run): importing a
+    module registers nothing, calling its ``register()`` does."""
     loaded = []
     for module in dict.fromkeys(m.strip() for m in modules if m.strip()):
-        if module in _LOADED:
-            continue
         if not re.fullmatch(r"[A-Za-z_][\w.]*", module):
             raise ValueError(f"--attack_modules: {module!r} is not a module name.")
         try:
@@ -392,7 +387,6 @@ def register_modules(modules: Iterable[str]) -> list[str]:
                              "function; define one that calls "
                              "alp_jax.attacks.register_family(...).")
         mod.register()
-        _LOADED.add(module)
         loaded.append(module)
     return loaded
 
