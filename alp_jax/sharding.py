@@ -170,6 +170,18 @@ def _reachable(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def _coordinator_gone(address: str, settle_s: float = 1.5, every_s: float = 0.25) -> bool:
+    """Whether the coordinator no longer accepts connections, probed until ``settle_s``
+    has passed: a peer's broken collective can reach this process a moment before a
+    killed coordinator's listening socket is closed, so one answer is not proof it lives."""
+    deadline = time.time() + settle_s
+    while _reachable(address):
+        if time.time() >= deadline:
+            return False
+        time.sleep(every_s)
+    return True
+
+
 def _exit_on_cluster_loss(address: str) -> None:
     """Makes a lost peer end this process with status 75 and one line, whoever notices
     first: the main thread (an uncaught collective failure, via ``sys.excepthook``), a
@@ -184,7 +196,7 @@ def _exit_on_cluster_loss(address: str) -> None:
         detail = cluster_failure(exc)
         if detail is not None:
             _exit_with(lost_peer_message(detail, me, n, address,
-                                         me == 0 or _reachable(address)))
+                                         me == 0 or not _coordinator_gone(address)))
 
     previous_sys, previous_thread = sys.excepthook, threading.excepthook
 
@@ -225,7 +237,7 @@ def _hook_abort(on_lost_coordinator: Callable[[], None], address: str) -> None:
 
     def on_abort(signum: int) -> None:
         del signum
-        if not _reachable(address):
+        if _coordinator_gone(address):
             on_lost_coordinator()
         if dump:
             sys.stderr.write("Fatal Python error: Aborted\n\n")

@@ -68,6 +68,28 @@ def test_lost_peer_message_names_what_was_lost_and_what_to_do():
         "process 2.")
 
 
+def test_a_coordinator_whose_socket_closes_a_moment_later_counts_as_gone():
+    """A killed coordinator's gloo peers can see the broken collective a moment before its
+    listening socket closes (CI saw the survivor blame "process(es) 0" instead of the
+    coordinator): one answering probe is not proof that it lives."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    threading.Timer(0.4, server.close).start()  # dies while being probed
+    t0 = time.time()
+    assert sharding._coordinator_gone(address, settle_s=3.0)
+    assert time.time() - t0 < 2.0
+    with socket.socket() as alive:  # still answering after the whole settle time
+        alive.bind(("127.0.0.1", 0))
+        alive.listen(8)
+        t0 = time.time()
+        assert not sharding._coordinator_gone(f"127.0.0.1:{alive.getsockname()[1]}",
+                                              settle_s=0.5)
+        assert time.time() - t0 >= 0.5
+    assert sharding._coordinator_gone(f"127.0.0.1:{free_port()}", settle_s=0.0)
+
+
 def _abort_with_hook(address: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import faulthandler, os
