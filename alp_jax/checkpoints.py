@@ -125,25 +125,30 @@ def _is_finite(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprint(groups: dict[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
-    out = {}
-    for name, tree in groups.items():
-        leaves = jax.tree_util.tree_leaves(tree)
-        h = sum((_leaf_hash(x) for x in leaves), jnp.zeros(2, jnp.uint32))
-        finite = jnp.all(jnp.stack([_is_finite(x) for x in leaves])) if leaves \
-            else jnp.array(True)
-        out[name] = (h, finite)
-    return out
+def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _leaf_hash(x), _is_finite(x)
 
 
 def fingerprint(tree: Any) -> dict[str, dict[str, Any]]:
     """``{group: {"checksum": hex, "finite": bool}}`` for each top-level group of ``tree``.
 
-    Runs jitted where the arrays live (sharded or not); only 9 bytes a group come back.
+    Each leaf is hashed where it lives (sharded or not) by one small jitted function,
+    compiled once per leaf shape: a model has far fewer shapes than leaves, so this traces
+    in milliseconds where one function over the whole state took seconds at every program
+    start. Only 9 bytes a leaf come back; a group's checksum is the uint32 sum of its
+    leaves' (wrapping, so order and sharding do not matter).
     """
-    fp = jax.device_get(_fingerprint(_groups(tree)))
-    return {name: {"checksum": f"{int(h[0]):08x}{int(h[1]):08x}", "finite": bool(finite)}
-            for name, (h, finite) in fp.items()}
+    groups = {name: jax.tree_util.tree_leaves(t) for name, t in _groups(tree).items()}
+    fps = jax.device_get({name: [_leaf_fingerprint(x) for x in leaves]
+                          for name, leaves in groups.items()})
+    out = {}
+    for name, leaf_fps in fps.items():
+        h = np.zeros(2, np.uint32)
+        for leaf_h, _ in leaf_fps:
+            h = h + np.asarray(leaf_h, np.uint32)  # uint32 addition wraps
+        out[name] = {"checksum": f"{int(h[0]):08x}{int(h[1]):08x}",
+                     "finite": all(bool(f) for _, f in leaf_fps)}
+    return out
 
 
 def non_finite_groups(tree: Any) -> list[str]:
