@@ -1,22 +1,18 @@
 """A shipped config on a real two-process JAX cluster, as a user launches it.
 
-One cluster run serves every check in this file (``tests/cluster_run.py``, which says what
-it launches): ``alp-train --config=digits_alp`` with its periodic settings as shipped (log
-and summaries with images every 50 steps, a checkpoint every 200, three kept) on two
-processes of one CPU device each (gloo on 127.0.0.1), only the steps, the image size and
-the output directory changed, with a continuous ``alp-eval --train_dir`` beside it. One
-device per process: with two forced host devices per process, XLA's CPU collectives
-deadlocked in a gloo all-reduce inside the attack's loop between steps 51 and 100
-(2026-12-07, jax 0.10.2; see openxla/xla#16430 for that combination's known faults); the
-4-step two-device-per-process run stays in ``test_sharding.py``. 601 steps pass the first
+One cluster run serves every check in this file (module fixture): ``alp-train
+--config=digits_alp`` with its periodic settings as shipped (log and summaries with images
+every 50 steps, a checkpoint every 200, three kept) on two processes of one CPU device
+each (gloo on 127.0.0.1), only the steps, the image size and the output directory
+changed, with a continuous ``alp-eval --train_dir`` beside it. One device per process: with
+two forced host devices per process, XLA's CPU collectives deadlocked in a gloo all-reduce
+inside the attack's loop between steps 51 and 100 (2026-12-07, jax 0.10.2; see
+openxla/xla#16430 for that combination's known faults); the 4-step two-device-per-process
+run stays in ``test_sharding.py``. 601 steps pass the first
 log, summary and summary images (50), the first checkpoint (200) and a rotation (the
 final save at 601 is the fourth, which removes 200). Then ``alp-eval`` and
 ``alp-robustness`` run as two-process clusters on the final checkpoint, and the
 robustness results are compared with a one-process run's, example by example.
-
-In a whole test run, ``conftest.py`` starts that run in the background once this file is
-collected, and this file runs last: the run is mostly waiting on gloo round trips, so the
-other tests use the cores meanwhile. Run on its own, the fixture makes the run itself.
 """
 
 from __future__ import annotations
@@ -25,16 +21,51 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
+import time
 
-import cluster_run as cr
 import numpy as np
 import pytest
+from helpers import free_port, program_env
 
 from alp_jax import checkpoints
 
 pytestmark = pytest.mark.slow
 
-STEPS = cr.STEPS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 601
+SHIPPED = ["--config=digits_alp", f"--config.max_steps={STEPS}",
+           "--config.dataset_image_size=8"]
+ROBUSTNESS = ["--attacks=pgdrnd_16_4_2,square_16_20", "--eps=8,16",
+              "--num_examples=40", "--eval_batch_size=32",
+              "--large_eps_attack=pgdrnd_128_32_2", "--num_images=2"]
+TIMEOUT = 900
+
+
+def _start(module: str, *args: str, devices: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                            env=program_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _cluster(module: str, *args: str) -> list[subprocess.Popen]:
+    port = free_port()
+    return [_start(module, *args, f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=300")
+            for i in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """(status, output) of each process; every process is ended by the time this returns."""
+    deadline = time.time() + TIMEOUT
+    try:
+        outs = [p.communicate(timeout=max(1.0, deadline - time.time()))[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
 
 
 def _events(logdir: str) -> list[tuple[int, str, str]]:
@@ -56,19 +87,21 @@ def _events(logdir: str) -> list[tuple[int, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory) -> tuple[str, dict[str, list[tuple[int, str]]]]:
-    """(the run's root, each phase's (status, output) per process); see cluster_run.py."""
-    root = os.environ.get(cr.ENV, "")
-    if os.path.exists(os.path.join(root, "driver.log")):  # conftest.py started it
-        return root, cr.wait(root, 3 * cr.TIMEOUT)
-    root = str(tmp_path_factory.mktemp("cluster"))
-    return root, cr.run(root)
+def cluster_run(tmp_path_factory):
+    """The shipped config trained on two processes with continuous eval beside it."""
+    out = str(tmp_path_factory.mktemp("cluster") / "run")
+    train = _cluster("alp_jax.train", *SHIPPED, f"--output_dir={out}")
+    deadline = time.time() + 300
+    while not os.path.isdir(out) and time.time() < deadline and train[0].poll() is None:
+        time.sleep(0.2)
+    evaluator = _start("alp_jax.eval", f"--train_dir={out}", "--eval_interval_secs=0")
+    results = _finish([*train, evaluator])
+    return out, results
 
 
 def test_shipped_config_trains_on_two_processes_past_every_periodic_event(cluster_run):
-    root, phases = cluster_run
-    out = os.path.join(root, "run")
-    (rc0, log0), (rc1, log1) = phases["train"]
+    out, results = cluster_run
+    (rc0, log0), (rc1, log1), _ = results
     assert rc0 == 0, log0[-4000:]
     assert rc1 == 0, log1[-4000:]
     assert "process 0 of 2, 1 local / 2 global devices" in log0
@@ -91,8 +124,8 @@ def test_shipped_config_trains_on_two_processes_past_every_periodic_event(cluste
 
 
 def test_continuous_eval_beside_training_reaches_the_last_step(cluster_run):
-    _, phases = cluster_run
-    (rc, log), = phases["eval_beside"]
+    out, results = cluster_run
+    rc, log = results[2]
     assert rc == 0, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     evaluated = [int(x.split(" step ")[1].split(",")[0]) for x in log.splitlines()
@@ -101,7 +134,8 @@ def test_continuous_eval_beside_training_reaches_the_last_step(cluster_run):
     assert evaluated == sorted(set(evaluated)), evaluated
 
 
-def test_eval_and_robustness_as_two_process_clusters_on_that_checkpoint(cluster_run):
+def test_eval_and_robustness_as_two_process_clusters_on_that_checkpoint(cluster_run,
+                                                                         tmp_path):
     """``alp-eval`` on two processes gives the top-1 (and top-5, on as many examples) that
     the one-process continuous eval gave for the same checkpoint; ``alp-robustness`` on
     two processes writes the same per-example results as one process (each process attacks
@@ -109,8 +143,9 @@ def test_eval_and_robustness_as_two_process_clusters_on_that_checkpoint(cluster_
     and Square are the attacks whose keys matter."""
     from alp_jax import engine
 
-    root, phases = cluster_run
-    for rc, log in phases["eval_cluster"]:
+    out, results = cluster_run
+    ev = _finish(_cluster("alp_jax.eval", f"--checkpoint_path={out}"))
+    for rc, log in ev:
         assert rc == 0, log[-4000:]
 
     def top1(log: str, step: int) -> str:
@@ -118,14 +153,19 @@ def test_eval_and_robustness_as_two_process_clusters_on_that_checkpoint(cluster_
                     if f"/checkpoints/{step} step {step}, " in x and ": top-1 " in x
                     ).split(": top-1 ")[1]
 
-    assert top1(phases["eval_cluster"][0][1], STEPS) == top1(phases["eval_beside"][0][1],
-                                                              STEPS)
-    for rc, log in phases["robustness_cluster"]:
+    assert top1(ev[0][1], STEPS) == top1(results[2][1], STEPS)
+
+    multi = str(tmp_path / "multi")
+    for rc, log in _finish(_cluster("alp_jax.robustness", f"--checkpoint_path={out}",
+                                    *ROBUSTNESS, f"--output_dir={multi}")):
         assert rc == 0, log[-4000:]
-    (rc, log), = phases["robustness_single"]
-    assert rc == 0, log[-4000:]
-    a = engine.load_per_example(os.path.join(root, "multi", "per_example.npz"))
-    b = engine.load_per_example(os.path.join(root, "single", "per_example.npz"))
+    single = str(tmp_path / "single")
+    r = subprocess.run([sys.executable, "-m", "alp_jax.robustness", f"--checkpoint_path={out}",
+                        *ROBUSTNESS, f"--output_dir={single}"], cwd=REPO, env=program_env(1),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = engine.load_per_example(os.path.join(multi, "per_example.npz"))
+    b = engine.load_per_example(os.path.join(single, "per_example.npz"))
     assert len(a["index"]) == 40
     assert set(a) == set(b)
     for key in a:
