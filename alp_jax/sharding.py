@@ -147,9 +147,10 @@ def cluster_failure(exc: BaseException | None) -> str | None:
 
 def lost_peer_message(detail: str, me: int, n: int, address: str,
                       coordinator_reachable: bool) -> str:
-    """The line that ends a survivor: the coordinator when this process cannot reach it,
-    else the other processes (named exactly when there is only one other)."""
-    if me != 0 and not coordinator_reachable:
+    """The line that ends a survivor: the coordinator when this process cannot reach it
+    (or when it is the only other process), else the other processes (named exactly when
+    there is only one other)."""
+    if me != 0 and (not coordinator_reachable or n == 2):
         return (f"Lost the JAX coordinator (process 0 at {address}): {detail}. Stopping "
                 f"process {me} of {n}. {RESTART}")
     others = [p for p in range(n) if p != me]

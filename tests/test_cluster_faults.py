@@ -61,6 +61,8 @@ def test_lost_peer_message_names_what_was_lost_and_what_to_do():
     assert coordinator == ("Lost the JAX coordinator (process 0 at 10.0.0.1:1234): x. "
                            "Stopping process 1 of 2. Restart the whole job: it resumes from "
                            "the newest checkpoint.")
+    # Two processes: whatever failed on process 1, the one other process is the coordinator.
+    assert sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", True) == coordinator
     assert sharding.lost_peer_message("x", 0, 2, "a:1", False).startswith(
         "Lost process(es) 1 of the 2-process cluster (x); stopping process 0. Restart")
     assert sharding.lost_peer_message("x", 2, 4, "a:1", True).startswith(
