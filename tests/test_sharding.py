@@ -17,7 +17,10 @@ from alp_jax import checkpoints, slim_names
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "digits_alp"  # alp_jax/configs/digits.py:alp
 TRAIN_ARGS = [f"--config={CONFIG}", "--config.dataset_image_size=8", "--config.batch_size=16",
-              "--config.max_steps=4", "--config.save_model_steps=2",
+              "--config.max_steps=4",
+              # A checkpoint at every step: the fourth save rotates the first out
+              # (keep_checkpoints=3, as shipped), on two processes.
+              "--config.save_model_steps=1",
               "--config.log_every_steps=2", "--config.save_summaries_steps=0",
               "--hparams=train_adv_method=pgdll_16_4_2,train_lp_weight=0.5",
               # The runs are compared parameter by parameter, and the attack's sign() turns a
@@ -109,6 +112,7 @@ def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_
     assert "process 0 of 2, 2 local / 4 global devices" in outs[0]
     assert "steps/s" in outs[0] and "steps/s" not in outs[1]  # only process 0 logs
     assert checkpoints.latest_step(multi) == 4
+    assert checkpoints.steps(multi) == [2, 3, 4]  # rotation on a two-process cluster
 
     single = str(tmp_path / "single")
     r = subprocess.run([sys.executable, "-m", "alp_jax.train", *TRAIN_ARGS,
