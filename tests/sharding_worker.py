@@ -36,16 +36,18 @@ def main() -> None:
     it = data.train_iterator("digits", None, 8, 16)
     batches = [next(it) for _ in range(3)]
 
+    # One initial state, laid out on each mesh below (initialising on each mesh compiled
+    # the random initialisers three times; the sharded init is launched by the programs,
+    # e.g. test_sharding.py's two-process run).
+    initial = jax.device_get(jax.jit(
+        lambda rng: ts.create_train_state(model, tx, rng, 8, moving_average_decay=0.99))(
+            jax.random.PRNGKey(0)))
+
     def run(devices, model_axis=1):
         mesh = sharding.make_mesh(model_axis, devices)
         sharding.check_global_batch(16, mesh)
-
-        def fresh(rng):
-            return ts.create_train_state(model, tx, rng, 8, moving_average_decay=0.99)
-
-        abstract = jax.eval_shape(fresh, jax.random.PRNGKey(0))
-        sh = sharding.state_sharding(abstract, mesh)
-        state = jax.jit(fresh, out_shardings=sh)(jax.random.PRNGKey(0))
+        sh = sharding.state_sharding(initial, mesh)
+        state = jax.device_put(initial, sh)
         step = sharding.jit_train_step(steps.train_step_from_config(cfg, model), sh, mesh)
         specs = []
         for b in batches:
