@@ -146,11 +146,12 @@ def cluster_failure(exc: BaseException | None) -> str | None:
 
 
 def lost_peer_message(detail: str, me: int, n: int, address: str,
-                      coordinator_reachable: bool) -> str:
-    """The line that ends a survivor: the coordinator when this process cannot reach it
-    (or when it is the only other process), else the other processes (named exactly when
-    there is only one other)."""
-    if me != 0 and (not coordinator_reachable or n == 2):
+                      coordinator_gone: Callable[[], bool]) -> str:
+    """The line that ends a survivor: the coordinator when it is the only other process or
+    ``coordinator_gone()`` says this process cannot reach it, else the other processes
+    (named exactly when there is only one other). ``coordinator_gone`` (a probe that can
+    take seconds) is called only when its answer decides the line."""
+    if me != 0 and (n == 2 or coordinator_gone()):
         return (f"Lost the JAX coordinator (process 0 at {address}): {detail}. Stopping "
                 f"process {me} of {n}. {RESTART}")
     others = [p for p in range(n) if p != me]
@@ -197,7 +198,7 @@ def _exit_on_cluster_loss(address: str) -> None:
         detail = cluster_failure(exc)
         if detail is not None:
             _exit_with(lost_peer_message(detail, me, n, address,
-                                         me == 0 or not _coordinator_gone(address)))
+                                         lambda: _coordinator_gone(address)))
 
     previous_sys, previous_thread = sys.excepthook, threading.excepthook
 
@@ -213,7 +214,7 @@ def _exit_on_cluster_loss(address: str) -> None:
     if me != 0:
         _hook_abort(lambda: _exit_with(lost_peer_message(
             "it stopped answering, and JAX's distributed runtime aborted this process",
-            me, n, address, False)), address)
+            me, n, address, lambda: True)), address)
 
 
 _abort_hook = None  # the installed C handler; kept referenced so it is never collected
@@ -299,7 +300,7 @@ class PeerWatchdog(threading.Thread):
                 if now - failing_since > self.timeout_s:
                     _exit_with(lost_peer_message(
                         f"no answer for {now - failing_since:.0f}s: "
-                        f"{str(e).splitlines()[0][:200]}", me, n, self.address, False))
+                        f"{str(e).splitlines()[0][:200]}", me, n, self.address, lambda: True))
             lost = [p for p in range(n) if p != me and now - last_change[p] > self.timeout_s]
             if lost:
                 _exit_with(f"Lost process(es) {', '.join(map(str, lost))} of the {n}-process "

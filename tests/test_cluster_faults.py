@@ -57,17 +57,25 @@ def test_cluster_failure_recognises_a_lost_peer_and_nothing_else():
 
 
 def test_lost_peer_message_names_what_was_lost_and_what_to_do():
-    coordinator = sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", False)
+    def never_asked() -> bool:
+        raise AssertionError("probed the coordinator although the answer decides nothing")
+
+    gone, alive = (lambda: True), (lambda: False)
+    coordinator = sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", gone)
     assert coordinator == ("Lost the JAX coordinator (process 0 at 10.0.0.1:1234): x. "
                            "Stopping process 1 of 2. Restart the whole job: it resumes from "
                            "the newest checkpoint.")
-    # Two processes: whatever failed on process 1, the one other process is the coordinator.
-    assert sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", True) == coordinator
-    assert sharding.lost_peer_message("x", 0, 2, "a:1", False).startswith(
+    # Two processes: whatever failed on process 1, the one other process is the coordinator
+    # (and the probe, which can take seconds, is not run).
+    assert sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", alive) == coordinator
+    assert sharding.lost_peer_message("x", 1, 2, "10.0.0.1:1234", never_asked) == coordinator
+    assert sharding.lost_peer_message("x", 0, 2, "a:1", never_asked).startswith(
         "Lost process(es) 1 of the 2-process cluster (x); stopping process 0. Restart")
-    assert sharding.lost_peer_message("x", 2, 4, "a:1", True).startswith(
+    assert sharding.lost_peer_message("x", 2, 4, "a:1", alive).startswith(
         "Lost one or more of processes 0, 1, 3 of the 4-process cluster (x); stopping "
         "process 2.")
+    assert sharding.lost_peer_message("x", 2, 4, "a:1", gone).startswith(
+        "Lost the JAX coordinator (process 0 at a:1): x. Stopping process 2 of 4.")
 
 
 def test_a_coordinator_whose_socket_closes_a_moment_later_counts_as_gone():
