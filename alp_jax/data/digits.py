@@ -9,6 +9,9 @@ validation examples.
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,11 +28,10 @@ def load_split(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     if image_size < 8:
         raise ValueError(f"digits image_size must be >= 8, got {image_size}.")
     import jax
-    from sklearn.datasets import load_digits
 
-    data = load_digits()
-    images = data.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
-    labels = data.target.astype(np.int32)
+    images, labels = _raw_digits()
+    images = images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+    labels = labels.astype(np.int32)
     order = np.random.RandomState(0).permutation(len(labels))
     n_val = int(round(len(labels) * _VALIDATION_FRACTION))
     idx = order[n_val:] if split == "train" else order[:n_val]
@@ -43,6 +45,27 @@ def load_split(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels
+
+
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``load_digits`` returns them (images float [1797, 8, 8] in
+    0..16, labels int [1797]), read straight from the file scikit-learn ships.
+
+    Importing ``sklearn.datasets`` pulls in scipy and pandas, over a second at every
+    program start, for a 1,797-row CSV; ``load_digits`` itself only parses that file.
+    Where the file is not at its usual place, ``load_digits`` reads it.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = os.path.join(roots[0], "datasets", "data", "digits.csv.gz") if roots else ""
+    if os.path.isfile(path):
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target
 
 
 def num_examples(split: str) -> int:
