@@ -52,15 +52,12 @@ import pytest  # noqa: E402
 
 # The longest files first (measured with --durations=0 on the 2-core machine): under
 # `--dist loadfile --no-loadscope-reorder` (Makefile) the two workers take whole files in
-# this order, so the long ones start at once and the short ones fill in around them. The
-# two files with long two-process (gloo) runs are first and third, not first and second:
-# gloo's TCP loop thread busy-polls (pytorch/gloo#246), so two clusters at once would
-# each spin while the other computes. The notebook (one process) runs beside the cluster.
-LONGEST_FIRST = ("test_cluster.py", "test_notebook.py", "test_sharding.py",
-                 "test_programs.py", "test_tf_checkpoint.py", "test_custom_attack.py",
-                 "test_run_guarantees.py", "test_benchmarks.py", "test_robustness.py",
-                 "test_attacks.py", "test_autoattack.py", "test_cluster_faults.py",
-                 "test_train_step.py", "test_install.py")
+# this order, so the long ones start at once and the short ones fill in around them.
+LONGEST_FIRST = ("test_cluster.py", "test_sharding.py", "test_notebook.py",
+                 "test_tf_checkpoint.py", "test_programs.py", "test_robustness.py",
+                 "test_attacks.py", "test_benchmarks.py", "test_custom_attack.py",
+                 "test_cluster_faults.py", "test_train_step.py", "test_autoattack.py",
+                 "test_install.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
