@@ -52,12 +52,15 @@ import pytest  # noqa: E402
 
 # The longest files first (measured with --durations=0 on the 2-core machine): under
 # `--dist loadfile --no-loadscope-reorder` (Makefile) the two workers take whole files in
-# this order, so the long ones start at once and the short ones fill in around them.
+# this order, so the long ones start at once and the short ones fill in around them. A
+# long file left out runs in name order at the end, one worker idle beside it (2026-12-07:
+# test_run_guarantees.py, 131 s, ran last while the other worker sat idle for 113 s).
 LONGEST_FIRST = ("test_cluster.py", "test_sharding.py", "test_notebook.py",
-                 "test_tf_checkpoint.py", "test_programs.py", "test_robustness.py",
-                 "test_attacks.py", "test_benchmarks.py", "test_custom_attack.py",
-                 "test_cluster_faults.py", "test_train_step.py", "test_autoattack.py",
-                 "test_install.py")
+                 "test_tf_checkpoint.py", "test_programs.py", "test_run_guarantees.py",
+                 "test_robustness.py", "test_attacks.py", "test_benchmarks.py",
+                 "test_custom_attack.py", "test_cluster_faults.py", "test_train_step.py",
+                 "test_autoattack.py", "test_install.py", "test_objectives.py",
+                 "test_pgd.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
