@@ -277,16 +277,29 @@ def _numpy_checksum(leaves) -> str:
 
 def test_checksums_keep_their_format_and_see_one_changed_element():
     """``fingerprint`` hashes leaf by leaf (fast to trace); the value is the recorded
-    format, the same for any sharding of a leaf, and moves with any single element."""
+    format, the same for any sharding of a leaf, and moves with any single element.
+    Both of its paths give that value: NumPy for host and CPU arrays (no compile), and
+    the jitted device function (accelerators, shards on other processes), forced here."""
     rng = np.random.default_rng(0)
     tree = {"params": {"w": rng.normal(size=(3, 3, 4, 8)).astype(np.float32),
                        "b": rng.normal(size=(8,)).astype(np.float32),
                        "h": rng.normal(size=(5,)).astype(jnp.bfloat16)},
-            "step": {"n": np.array(7, np.int32), "flag": np.array([True, False])}}
+            "step": {"n": np.array(7, np.int32), "flag": np.array([True, False]),
+                     "q": rng.integers(0, 255, size=(2, 3)).astype(np.uint8)}}
+    compiled = checkpoints._leaf_fingerprint._cache_size()
     fp = checkpoints.fingerprint(tree)
+    on_cpu = checkpoints.fingerprint(jax.device_put(tree))
+    assert checkpoints._leaf_fingerprint._cache_size() == compiled  # nothing compiled
+    assert on_cpu == fp
     for name, group in tree.items():
-        assert fp[name] == {"checksum": _numpy_checksum(jax.tree_util.tree_leaves(group)),
-                            "finite": True}, name
+        leaves = jax.tree_util.tree_leaves(group)
+        assert fp[name] == {"checksum": _numpy_checksum(leaves), "finite": True}, name
+        for x in leaves:  # the device path, leaf by leaf
+            (h, finite), want = checkpoints._leaf_fingerprint(x), _numpy_checksum([x])
+            assert f"{int(h[0]):08x}{int(h[1]):08x}" == want and bool(finite), (name, x)
+    inf = np.array([1.0, np.inf], jnp.bfloat16)
+    assert not checkpoints._host_leaf_fingerprint(inf)[1]
+    assert not bool(checkpoints._leaf_fingerprint(inf)[1])
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     spread = jax.device_put(tree["params"]["w"], jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, None, None, "data")))
