@@ -157,41 +157,48 @@ def _host_leaf_fingerprint(x: np.ndarray) -> tuple[np.ndarray, bool]:
 _HOST_HASH_MAX_SIZE = 1 << 20
 
 
-def _hashed_on_host(x: Any) -> bool:
-    """Whether ``x`` is hashed with NumPy: a NumPy array, or a jax.Array whole in this
-    process on CPU devices (a view, not a copy). Those need no compile: on the devices,
-    each leaf shape compiles once per kind of input, and saving (uncommitted arrays),
-    restoring (committed) and loading (NumPy) each compiled their own set, 81 small
-    compiles (8 s on CPU) in a program that saves and restores the small model. 64-bit
-    dtypes stay on the device path, which narrows them unless x64 is on, and so do leaves
-    over ``_HOST_HASH_MAX_SIZE`` elements, where XLA's fused loop outruns NumPy's passes
-    (25M float32: 0.78 s in NumPy, 0.09 s compiled, on 2 CPU cores)."""
+def _on_host(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array when it is hashed with NumPy, else None (hashed where it
+    lives). NumPy arrays, and CPU arrays whole in this process or replicated on every
+    process (their local replica: the data-parallel state of a cluster), need no compile.
+    On the devices each leaf shape compiles once per kind of input: saving (uncommitted
+    arrays), restoring (committed) and loading (NumPy) each compiled their own set, 81
+    small compiles (8 s on CPU) in a program that saves and restores the small model.
+    64-bit dtypes stay on the device path, which narrows them unless x64 is on, and so do
+    leaves over ``_HOST_HASH_MAX_SIZE`` elements, where XLA's fused loop outruns NumPy's
+    passes (25M float32: 0.78 s in NumPy, 0.09 s compiled, on 2 CPU cores)."""
     if np.size(x) > _HOST_HASH_MAX_SIZE:
-        return False
+        return None
     if isinstance(x, jax.Array):
-        if not x.is_fully_addressable or any(d.platform != "cpu"
-                                             for d in x.sharding.device_set):
-            return False
+        if any(d.platform != "cpu" for d in x.sharding.device_set):
+            return None
+        if x.is_fully_addressable:
+            x = np.asarray(x)
+        elif x.is_fully_replicated:
+            x = np.asarray(x.addressable_data(0))
+        else:
+            return None
     elif not isinstance(x, np.ndarray):
-        return False
-    return x.dtype == np.bool_ or x.dtype.itemsize <= 4
+        return None
+    return x if x.dtype == np.bool_ or x.dtype.itemsize <= 4 else None
 
 
 def fingerprint(tree: Any) -> dict[str, dict[str, Any]]:
     """``{group: {"checksum": hex, "finite": bool}}`` for each top-level group of ``tree``.
 
-    A leaf is hashed where it lives: in NumPy when it is in host memory or on this
-    process's CPU devices (``_hashed_on_host``), otherwise (accelerators, or shards on
-    other processes) by one small jitted function, compiled once per leaf shape: a model
-    has far fewer shapes than leaves, so this traces in milliseconds where one function
-    over the whole state took seconds at every program start. Both give the same bits,
-    and only 9 bytes a leaf come back from the devices. A group's checksum is the uint32
-    sum of its leaves' (wrapping, so order and sharding do not matter).
+    A leaf is hashed where it lives: in NumPy when it is in host memory or on CPU devices
+    (``_on_host``), otherwise (accelerators, or shards spread over processes) by one small
+    jitted function, compiled once per leaf shape: a model has far fewer shapes than
+    leaves, so this traces in milliseconds where one function over the whole state took
+    seconds at every program start. Both give the same bits, and only 9 bytes a leaf come
+    back from the devices. A group's checksum is the uint32 sum of its leaves' (wrapping,
+    so order and sharding do not matter).
     """
     groups = {name: jax.tree_util.tree_leaves(t) for name, t in _groups(tree).items()}
-    fps = jax.device_get({name: [_host_leaf_fingerprint(np.asarray(x)) if _hashed_on_host(x)
-                                 else _leaf_fingerprint(x) for x in leaves]
-                          for name, leaves in groups.items()})
+    fps = jax.device_get({
+        name: [_leaf_fingerprint(x) if (h := _on_host(x)) is None else _host_leaf_fingerprint(h)
+               for x in leaves]
+        for name, leaves in groups.items()})
     out = {}
     for name, leaf_fps in fps.items():
         h = np.zeros(2, np.uint32)
