@@ -8,9 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# --no-compile: pip byte-compiles every file it installs (40 s of one core for the test
-# extras, TensorFlow's 14,500 files); Python compiles the modules a run imports instead.
-PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 LOWER_VENV ?= .venv-lower
 LOWER_PYTEST_ARGS ?= -m "not slow"
 
