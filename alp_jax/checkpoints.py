@@ -89,13 +89,24 @@ def _groups(tree: Any) -> dict[str, Any]:
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
-    # MurmurHash3's finaliser: a bijection on uint32 that spreads every input bit.
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+def _fmix32(h: Any) -> Any:
+    # MurmurHash3's finaliser: a bijection on uint32 that spreads every input bit. NumPy
+    # constants keep NumPy arrays on the host and are folded into jitted code alike.
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _sums(flat: Any, xp: Any) -> tuple[Any, Any]:
+    """The two position-salted uint32 sums of the flat uint32 bits ``flat``, with ``xp``
+    NumPy (host leaves) or jax.numpy (in the jitted function): one formula for both."""
+    idx = xp.arange(flat.size, dtype=xp.uint32)
+    h1 = xp.sum(_fmix32(flat ^ _fmix32(idx)), dtype=xp.uint32)
+    h2 = xp.sum(_fmix32(flat + idx * np.uint32(0x9E3779B9)) * (np.uint32(2) * idx + np.uint32(1)),
+                dtype=xp.uint32)
+    return h1, h2
 
 
 def _leaf_hash(x: jax.Array) -> jax.Array:
@@ -109,12 +120,7 @@ def _leaf_hash(x: jax.Array) -> jax.Array:
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     else:
         bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
-    flat = bits.reshape(-1)
-    idx = jax.lax.iota(jnp.uint32, flat.size)
-    h1 = jnp.sum(_fmix32(flat ^ _fmix32(idx)), dtype=jnp.uint32)
-    h2 = jnp.sum(_fmix32(flat + idx * jnp.uint32(0x9E3779B9)) * (2 * idx + 1),
-                 dtype=jnp.uint32)
-    return jnp.stack([h1, h2])
+    return jnp.stack(_sums(bits.reshape(-1), jnp))
 
 
 def _is_finite(x: jax.Array) -> jax.Array:
@@ -129,14 +135,6 @@ def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _leaf_hash(x), _is_finite(x)
 
 
-def _np_fmix32(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
 def _host_leaf_fingerprint(x: np.ndarray) -> tuple[np.ndarray, bool]:
     """``_leaf_fingerprint`` in NumPy, bit for bit, for a leaf in host memory."""
     flat = np.ascontiguousarray(x).reshape(-1)
@@ -145,11 +143,8 @@ def _host_leaf_fingerprint(x: np.ndarray) -> tuple[np.ndarray, bool]:
     else:
         bits = flat.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[flat.dtype.itemsize]
                          ).astype(np.uint32)
-    idx = np.arange(bits.size, dtype=np.uint32)
     with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as on the devices
-        h1 = np.sum(_np_fmix32(bits ^ _np_fmix32(idx)), dtype=np.uint32)
-        h2 = np.sum(_np_fmix32(bits + idx * np.uint32(0x9E3779B9))
-                    * (np.uint32(2) * idx + np.uint32(1)), dtype=np.uint32)
+        h1, h2 = _sums(bits, np)
     finite = not jnp.issubdtype(flat.dtype, jnp.inexact) or bool(np.all(np.isfinite(flat)))
     return np.array([h1, h2], np.uint32), finite
 
