@@ -67,7 +67,8 @@ def test_end_to_end_records_and_table():
     argv = TINY + ["--attack", "pgdll_16_2_2", "--memory_check", "--peak_size", "256"]
     r = subprocess.run([sys.executable, "-c", BLOCKED_RUN,
                         str(ROOT / "benchmarks" / "train_step.py"), *argv],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=helpers.program_env(None), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     printed = r.stdout
     records = [json.loads(x) for x in printed.splitlines() if x.startswith("{")]

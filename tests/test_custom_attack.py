@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import program_env
 
 from alp_jax import checkpoints, engine, objectives
 from alp_jax.attacks import FAMILIES, common, grammar, register_family, register_modules
@@ -244,10 +245,8 @@ def test_program_runs_registered_families_on_two_devices(family, trained_digits,
         "dataset": "digits", "dataset_image_size": 16, "moving_average_decay": -1.0,
         "bounds": [-1.0, 1.0], "eval_batch_size": 16}}
     checkpoints.save_variables(ckpt, jax.device_get(trained_digits.variables), meta)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    env = program_env(2, PYTHONPATH=os.pathsep.join(
         [str(tmp_path), TESTS, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep))
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=2").strip()
     r = subprocess.run(
         [sys.executable, "-m", "alp_jax.robustness", "--attack_modules=my_attacks,test_family",
          f"--checkpoint_path={ckpt}", f"--output_dir={out}",
@@ -283,7 +282,7 @@ def test_training_and_eval_programs_take_the_family_by_flag(tmp_path):
     in one line naming the unknown spec."""
     module, _, commands = _readme_blocks()
     (tmp_path / "my_attacks.py").write_text(module)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    env = program_env(None, PYTHONPATH=os.pathsep.join(
         [str(tmp_path), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep))
     out = str(tmp_path / "run")
     args = [a for a in commands["alp-train"] if not a.startswith("--output_dir=")]

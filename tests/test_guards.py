@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from helpers import program_env
 
 from alp_jax import checkpoints, cli, configs, data, losses
 from alp_jax import train as train_lib
@@ -29,8 +30,7 @@ CONFIG = os.path.join(REPO, "alp_jax", "configs", "digits.py") + ":alp"
 
 
 def run_program(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=program_env(None),
                           capture_output=True, text=True, timeout=timeout)
 
 

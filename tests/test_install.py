@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import program_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_install_keeps_a_preinstalled_jax_and_trains(tmp_path: Path) -> None:
     assert str(REPO) not in versions[3] and os.path.isfile(versions[3].rsplit(":", 1)[0])
 
     out = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = program_env(None, JAX_PLATFORMS="cpu")
     # The shipped config by name, its attack (pgdll_16_2_10) as shipped; smaller images and
     # batches, and logs and summaries every step, keep two steps quick.
     r = _run([str(venv / "bin" / "alp-train"), "--config=digits_alp", "--config.max_steps=2",

@@ -35,7 +35,7 @@ print("OK")
 
 @pytest.mark.slow
 def test_core_imports_and_runs_without_tensorflow():
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=helpers.program_env(None),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("OK")

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import program_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -128,7 +129,7 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     workdir.mkdir()
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
                                      resources={"metadata": {"path": str(workdir)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
+    client.execute(env=program_env(None))  # raises CellExecutionError on the first failing cell
 
     text, pngs = [], 0
     for cell in nb.cells:

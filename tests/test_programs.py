@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from helpers import program_env
 
 from alp_jax import checkpoints, finetune, slim_names
 from alp_jax import eval as eval_lib
@@ -50,14 +51,12 @@ def _load(name):
 
 
 def run_program(module: str, *args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=program_env(None),
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def start_program(module: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=program_env(None),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

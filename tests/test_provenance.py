@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import program_env
 
 from alp_jax import provenance, summaries
 from alp_jax.engine import report
@@ -63,7 +64,7 @@ def test_training_run_records_provenance_and_compile_time(tmp_path) -> None:
          "--config.num_summary_images=2", "--config.save_model_steps=0",
          "--hparams=train_adv_method=clean"],  # the cheapest compile
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env=program_env(None))
     assert r.returncode == 0, r.stderr[-3000:]
     # The compile is announced before it starts and timed; the steady rate follows.
     assert "Compiling the train step" in r.stderr and "Compiled the train step in" in r.stderr
