@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import free_port, program_env
+from helpers import cluster_priority, free_port, program_env
 
 from alp_jax import checkpoints
 from alp_jax.configs import get_config
@@ -45,16 +45,17 @@ ROBUSTNESS = ["--attacks=pgdrnd_16_4_2,square_16_20", "--eps=8,16",
 TIMEOUT = 900
 
 
-def _start(module: str, *args: str, devices: int = 1) -> subprocess.Popen:
+def _start(module: str, *args: str, devices: int = 1, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
                             env=program_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _cluster(module: str, *args: str) -> list[subprocess.Popen]:
     port = free_port()
     return [_start(module, *args, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=300")
+                   "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=300",
+                   preexec_fn=cluster_priority)
             for i in range(2)]
 
 

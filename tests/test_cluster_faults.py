@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from helpers import free_port, program_env
+from helpers import cluster_priority, free_port, program_env
 
 from alp_jax import sharding
 
@@ -138,7 +138,8 @@ def _kill_one(tmp_path, victim: int, *extra: str) -> tuple[int, list[str], float
         [sys.executable, "-m", "alp_jax.train", *TINY, f"--output_dir={out}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--distributed_timeout_s=120", *extra],
-        cwd=REPO, env=program_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=program_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=cluster_priority)
         for i in range(2)]
     lines: list[list[str]] = [[], []]
     readers = [threading.Thread(target=lambda p=p, acc=acc: acc.extend(p.stdout), daemon=True)

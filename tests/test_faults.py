@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import cluster_priority, free_port, program_env
 
 from alp_jax import checkpoints, cli, configs, evaluator, finetune, restore, run_dir, sharding
 from alp_jax import train_state as ts
@@ -81,7 +81,7 @@ def _flip(step_dir: str) -> None:
 
 def _program(module: str, *args: str, prefix: tuple[str, ...] = (), timeout: int = 300
              ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env = program_env(None, JAX_PLATFORMS="cpu")
     return subprocess.run([*prefix, sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -124,9 +124,10 @@ def test_summary_images_of_a_batch_spread_over_two_processes_are_gathered(tmp_pa
     script = tmp_path / "gather.py"
     script.write_text(_GATHER)
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env = program_env(None, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=cluster_priority)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=180)[0] for p in procs]

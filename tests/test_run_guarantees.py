@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import free_port, program_env
+from helpers import cluster_priority, free_port, program_env
 
 from alp_jax import checkpoints, configs, run_dir
 from alp_jax import train as train_lib
@@ -59,10 +59,10 @@ def run_train(*args: str, timeout: int = 300, devices: int = 1) -> subprocess.Co
                           env=program_env(devices), capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(*args: str, devices: int = 1) -> subprocess.Popen:
+def start_train(*args: str, devices: int = 1, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "alp_jax.train", *args], cwd=REPO,
                             env=program_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -315,7 +315,7 @@ def _cluster(out: str, port: int, *extra: str) -> list[subprocess.Popen]:
                         "--config.save_model_steps=1000", *TINY,
                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                         f"--process_id={i}", "--distributed_timeout_s=120", *extra,
-                        devices=1) for i in range(2)]
+                        devices=1, preexec_fn=cluster_priority) for i in range(2)]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import free_port, program_env
+from helpers import cluster_priority, free_port, program_env
 
 from alp_jax import checkpoints, slim_names
 
@@ -97,7 +97,8 @@ def test_two_process_cluster_trains_checkpoints_and_restores_single_process(tmp_
         [sys.executable, "-m", "alp_jax.train", *TRAIN_ARGS, f"--output_dir={multi}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--distributed_timeout_s=120"],
-        cwd=REPO, env=program_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=program_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=cluster_priority)
         for i in range(2)]
     outs = []
     try:
