@@ -227,10 +227,10 @@ def cluster_priority() -> None:
     beside a cluster costs the cluster CPU as well as time. Measured 2026-12-07 on the
     2-core machine, 200 steps of the shipped ``digits_alp`` at 8px on two processes with a
     busy-looping process beside them: 2.3 steps/s and 82 CPU-s on process 0 at equal
-    priority, 2.8 steps/s and 46 CPU-s with the busy process at nice 10 (alone: 4.8 and 34).
-    What the processes compute does not change."""
+    priority; 2.8 steps/s and 46 CPU-s 10 nice levels apart, 3.1 and 39 at 19 (alone: 4.8
+    and 34). What the processes compute does not change."""
     try:
-        os.nice(-10)
+        os.nice(-19)
     except PermissionError:
         pass
 
