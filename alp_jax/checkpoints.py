@@ -86,7 +86,8 @@ def _groups(tree: Any) -> dict[str, Any]:
     return {"state": tree}
 
 
-_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+# The unsigned type of each item size, for the bits of a leaf (device and host paths).
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
 def _fmix32(h: Any) -> Any:
@@ -141,8 +142,7 @@ def _host_leaf_fingerprint(x: np.ndarray) -> tuple[np.ndarray, bool]:
     if flat.dtype == np.bool_:
         bits = flat.astype(np.uint32)
     else:
-        bits = flat.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[flat.dtype.itemsize]
-                         ).astype(np.uint32)
+        bits = flat.view(_UINT[flat.dtype.itemsize]).astype(np.uint32)
     with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as on the devices
         h1, h2 = _sums(bits, np)
     finite = not jnp.issubdtype(flat.dtype, jnp.inexact) or bool(np.all(np.isfinite(flat)))
